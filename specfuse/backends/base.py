@@ -1,0 +1,117 @@
+"""The one small interface every backend implements.
+
+A backend knows how to reach one model. It works on plain prompt text (the
+member's rendered prompt plus the fused answer so far) and never sees the
+ensemble: drafting and scoring are all the engine asks of it.
+
+Backends must be usable from more than one event loop over their lifetime
+(the sync API drives the engine on a private loop thread), so anything bound
+to a loop, such as an HTTP client, is created lazily per running loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["length", "eos", "stop"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings of one draft call. temperature 0 means greedy."""
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A candidate continuation produced by one drafter."""
+
+    text: str
+    token_count: int
+    finish_reason: FinishReason
+    #: The drafter's own log-probs of its generated tokens (for the trace).
+    token_logprobs: tuple[float, ...] = ()
+
+    @property
+    def finished(self) -> bool:
+        """The drafter ended its turn (EOS / end-of-turn) or hit a stop sequence."""
+        return self.finish_reason != "length"
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    """Log-probs of the tokens that cover one candidate's text, read by a verifier."""
+
+    token_logprobs: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return sum(self.token_logprobs) / len(self.token_logprobs)
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What the engine needs to know about a backend before the first round."""
+
+    model_id: str
+    context_window: int | None = None
+    can_score: bool = True
+    #: True when draft and score calls may run at the same time (HTTP servers);
+    #: False when the backend serialises them anyway (one in-process model).
+    concurrent_calls: bool = True
+    #: Max stop sequences the server accepts; the engine applies the rest itself.
+    max_stop_sequences: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """How to reach one model."""
+
+    #: Human-readable place of the model, for errors and traces. Never a secret.
+    endpoint: str = ""
+
+    @abstractmethod
+    async def info(self) -> BackendInfo:
+        """Probe the backend once (cached by the implementation) and describe it."""
+
+    @abstractmethod
+    async def draft(
+        self, context: str, *, max_tokens: int, sampling: Sampling, stop: Sequence[str] = ()
+    ) -> Draft:
+        """Generate at most max_tokens tokens continuing context.
+
+        A stop sequence found in the generated text ends the draft there (the
+        stop itself is cut off) with finish_reason "stop".
+        """
+
+    @abstractmethod
+    async def score(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
+        """Prompt log-probs of the tokens covering each candidate after context.
+
+        The covering tokens of candidate c are those of `context + c` whose
+        character span ends after len(context); the token straddling the
+        boundary belongs to c. One result per candidate, in order.
+        """
+
+    @abstractmethod
+    async def count_tokens(self, text: str) -> int:
+        """Number of tokens of text in this model's tokenizer."""
+
+    async def render_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> str | None:
+        """The prompt text the model's own chat template makes, or None if it has none."""
+        return None
+
+    async def aclose(self) -> None:
+        """Release connections or memory. The backend may be used again afterwards."""

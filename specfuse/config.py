@@ -1,0 +1,217 @@
+"""Ensemble and member settings, validated at construction.
+
+Two layers:
+
+* :class:`FusionSettings` holds the knobs of the algorithm (DESIGN.md section 1)
+  with the defaults given there. A request may override any of them.
+* :class:`MemberConfig` says how to reach one model and what it does in the
+  ensemble; :class:`EnsembleConfig` bundles members with fusion defaults and
+  checks that the combination can work.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from specfuse.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+Role = Literal["draft", "verify"]
+BackendKind = Literal["local", "tgi", "vllm", "sglang"]
+TemplateKind = Literal["auto", "chat", "plain", "server"]
+
+#: The embedded offline ensemble: the three PyPI-shipped models of DESIGN.md section 4.
+DEFAULT_LOCAL_MODELS: tuple[str, ...] = ("smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m")
+
+
+class FusionSettings(BaseModel):
+    """The algorithm's knobs. Every field may be overridden per request."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Drafting
+    segment_tokens: Annotated[int, Field(ge=1, description="Max tokens per drafted segment.")] = 10
+    solo_segment_tokens: Annotated[
+        int, Field(ge=1, description="Segment length when a single drafter is left alone.")
+    ] = 32
+    max_tokens: Annotated[int, Field(ge=1, description="Max tokens of the fused answer.")] = 256
+    temperature: Annotated[float, Field(ge=0.0, description="0 means greedy decoding.")] = 0.6
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+    # Verification and aggregation
+    tau: Annotated[float, Field(gt=0.0, description="Softmax temperature of per-verifier scores.")] = 1.0
+    self_verify: bool = True
+
+    # SpecEM online weights
+    lam: Annotated[float, Field(ge=0.0, description="Learning rate of online weights; 0 disables.")] = 1.0
+    warm_weights: bool = False
+
+    # Model exit
+    model_exit: bool = True
+    exit_warmup: Annotated[int, Field(ge=0)] = 2
+    exit_temperature: Annotated[float, Field(gt=0.0)] = 1.0
+    exit_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    min_active: Annotated[int | None, Field(ge=1)] = None
+
+    # Time limits (seconds); None means no limit.
+    round_deadline: Annotated[float | None, Field(gt=0.0)] = None
+    request_deadline: Annotated[float | None, Field(gt=0.0)] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise ValueError("stop sequences must be non-empty strings")
+        return value
+
+    def with_overrides(self, **overrides: Any) -> FusionSettings:
+        """A validated copy with some fields replaced (None values are ignored)."""
+        unknown = set(overrides) - set(type(self).model_fields)
+        if unknown:
+            raise ConfigError(
+                f"unknown fusion setting(s) {sorted(unknown)}; "
+                f"known: {sorted(type(self).model_fields)}"
+            )
+        data = self.model_dump()
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return _validated(FusionSettings, data)
+
+    def effective_min_active(self, n_members: int) -> int:
+        if self.min_active is not None:
+            return self.min_active
+        return 2 if n_members >= 3 else 1
+
+
+class MemberConfig(BaseModel):
+    """One base model of the ensemble."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Local short name or directory, or the served model id.")
+    name: str | None = Field(default=None, description="Defaults to `model`.")
+    backend: BackendKind = "local"
+    urls: list[str] = Field(default_factory=list, description="Endpoint URL(s) of a remote member.")
+    api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
+    roles: frozenset[Role] = frozenset({"draft", "verify"})
+    weight: Annotated[float, Field(gt=0.0)] = 1.0
+    template: TemplateKind = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    kv_cache: bool = True
+    timeout: Annotated[float, Field(gt=0.0, description="Per-call timeout in seconds.")] = 60.0
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _one_url_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _roles_from_strings(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [r.strip() for r in value.split(",") if r.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> MemberConfig:
+        if not self.roles:
+            raise ValueError("a member needs at least one role: 'draft', 'verify' or both")
+        if self.backend == "local" and self.urls:
+            raise ValueError("a local member takes no urls; set backend='tgi', 'vllm' or 'sglang'")
+        if self.backend != "local" and not self.urls:
+            raise ValueError(f"a {self.backend} member needs at least one url")
+        return self
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.model
+
+
+class EnsembleConfig(BaseModel):
+    """Members plus the fusion defaults of every request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    members: list[MemberConfig]
+    fusion: FusionSettings = Field(default_factory=FusionSettings)
+
+    @model_validator(mode="after")
+    def _check(self) -> EnsembleConfig:
+        if not self.members:
+            raise ValueError(
+                "the ensemble has no members; add at least one, e.g. "
+                f"MemberConfig(model={DEFAULT_LOCAL_MODELS[0]!r})"
+            )
+        names = [m.display_name for m in self.members]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate member names {dupes}; give each member a distinct name=")
+        drafters = [m for m in self.members if "draft" in m.roles]
+        verifiers = [m for m in self.members if "verify" in m.roles]
+        if not drafters:
+            raise ValueError("no member drafts; give at least one member the 'draft' role")
+        if len(drafters) > 1 and not verifiers:
+            raise ValueError(
+                "several drafters but no verifier: give at least one member the 'verify' role "
+                "so candidates can be ranked"
+            )
+        min_active = self.fusion.min_active
+        if min_active is not None and min_active > len(drafters):
+            raise ValueError(
+                f"min_active={min_active} exceeds the {len(drafters)} drafting member(s); lower it"
+            )
+        return self
+
+    @classmethod
+    def build(cls, members: list[MemberConfig | dict[str, Any] | str], **fusion: Any) -> EnsembleConfig:
+        """Members as configs, dicts or plain model names; fusion settings as keywords."""
+        data = {
+            "members": [{"model": m} if isinstance(m, str) else m for m in members],
+            "fusion": fusion,
+        }
+        return _validated(cls, data)
+
+    @classmethod
+    def local(cls, models: tuple[str, ...] = DEFAULT_LOCAL_MODELS, **fusion: Any) -> EnsembleConfig:
+        """The embedded offline ensemble (or a subset of its short names)."""
+        return cls.build(list(models), **fusion)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> EnsembleConfig:
+        """Load a `.toml` or `.json` file with `members = [...]` and an optional `fusion` table."""
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"ensemble config file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot parse ensemble config {path}: {exc}") from exc
+        return _validated(cls, data)
+
+
+def _validated(model: type[M], data: Any) -> M:
+    """Validate, turning pydantic's error into a ConfigError with readable lines."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or model.__name__
+            lines.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None

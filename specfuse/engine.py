@@ -1,0 +1,634 @@
+"""The SpecFuse round loop (DESIGN.md section 1), as an async generator.
+
+One round:
+
+1. Draft.      Every active drafter continues `prompt_m + fused` by a short segment.
+2. Verify.     Every active verifier scores every candidate by its prompt
+               log-probs; a candidate's verification starts as soon as that
+               candidate exists (pipelining).
+3. Normalise.  p_v = softmax over the candidates v scored.
+4. Aggregate.  S(c) = weighted mean of p_v(c); the winner is argmax S.
+5. Broadcast.  The winner's text is appended to `fused` and streamed out.
+6. Stop        when the winner finished, max_tokens is reached, a stop
+               sequence appears, or the caller cancels.
+
+Online weights (SpecEM) and model exit run between rounds. The math lives in
+:mod:`specfuse.scoring`; this module only orchestrates calls and records the
+trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from specfuse import scoring
+from specfuse._sync import LoopThread
+from specfuse.backends.base import Backend, BackendInfo, Draft, Sampling
+from specfuse.config import EnsembleConfig, FusionSettings, MemberConfig
+from specfuse.errors import (
+    AllMembersFailedError,
+    BackendError,
+    CapabilityError,
+    ConfigError,
+    ContextWindowError,
+    SpecfuseError,
+)
+from specfuse.prompts import ChatFormat, Message, PlainFormat, PromptFormat, check_messages
+from specfuse.trace import CallRecord, CandidateRecord, FusionTrace, RoundRecord
+
+
+@dataclass
+class Member:
+    """A ready member: its backend probed, its prompt format known."""
+
+    name: str
+    backend: Backend
+    format: PromptFormat
+    roles: frozenset[str]
+    weight: float
+    info: BackendInfo
+
+    @property
+    def drafts(self) -> bool:
+        return "draft" in self.roles
+
+    @property
+    def verifies(self) -> bool:
+        return "verify" in self.roles
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one response.
+
+    input_tokens: the prompt as the members read it, summed over the members
+    called (each in its own tokenizer); output_tokens: the fused answer,
+    each segment counted in the tokenizer of the member that drafted it.
+    """
+
+    input_tokens: int
+    output_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass
+class FusionResult:
+    text: str
+    finish_reason: str
+    trace: FusionTrace
+    usage: Usage
+
+
+@dataclass
+class Segment:
+    """An accepted piece of the answer, streamed the moment it is chosen."""
+
+    text: str
+    member: str | None
+    round: int
+    #: Set on the last segment of a response only.
+    result: FusionResult | None = None
+
+    @property
+    def is_last(self) -> bool:
+        return self.result is not None
+
+
+@dataclass
+class _Request:
+    """The state of one response in flight."""
+
+    settings: FusionSettings
+    prompts: dict[str, str]
+    active: list[Member]
+    weights: dict[str, float]
+    quality: dict[str, float]
+    trace: FusionTrace
+    seed: int
+    fused: str = ""
+    tokens_used: int = 0
+    max_tokens: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+class SpecFuse:
+    """An ensemble of models that answers as one, segment by segment.
+
+    >>> fuse = SpecFuse.local()                       # the embedded offline ensemble
+    >>> print(fuse.generate("Name three primary colours.").text)
+    """
+
+    def __init__(
+        self,
+        config: EnsembleConfig | None = None,
+        *,
+        members: Sequence[Member] | None = None,
+        fusion: FusionSettings | None = None,
+    ) -> None:
+        if config is None and members is None:
+            raise ConfigError("pass an EnsembleConfig, or ready members=; SpecFuse.local() gives the default")
+        if members is not None and not members:
+            raise ConfigError("the ensemble has no members; add at least one")
+        self.config = config
+        self.settings = fusion or (config.fusion if config else FusionSettings())
+        self._members: list[Member] | None = list(members) if members is not None else None
+        self._backends: dict[str, Backend] = {}
+        if config is not None:
+            from specfuse.backends import create_backend  # local import: backends pull heavy deps
+
+            self._backends = {m.display_name: create_backend(m) for m in config.members}
+        self._start_lock: asyncio.Lock | None = None
+        self._warm_weights: dict[str, float] | None = None
+        self._loop_thread = LoopThread()
+
+    # -- construction -------------------------------------------------------
+
+    @classmethod
+    def local(cls, models: Sequence[str] | None = None, **fusion: Any) -> SpecFuse:
+        """The embedded offline ensemble (short names from specfuse.models)."""
+        if models is None:
+            return cls(EnsembleConfig.local(**fusion))
+        return cls(EnsembleConfig.local(tuple(models), **fusion))
+
+    @classmethod
+    def from_members(cls, members: Sequence[MemberConfig | dict[str, Any] | str], **fusion: Any) -> SpecFuse:
+        return cls(EnsembleConfig.build(list(members), **fusion))
+
+    @classmethod
+    def from_file(cls, path: str) -> SpecFuse:
+        return cls(EnsembleConfig.from_file(path))
+
+    @property
+    def member_names(self) -> list[str]:
+        if self._members is not None:
+            return [m.name for m in self._members]
+        assert self.config is not None
+        return [m.display_name for m in self.config.members]
+
+    async def astart(self) -> list[Member]:
+        """Load or probe every member once; later calls return at once."""
+        if self._members is not None:
+            return self._members
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._members is None:
+                assert self.config is not None
+                self._members = list(
+                    await asyncio.gather(*(self._prepare(m) for m in self.config.members))
+                )
+        return self._members
+
+    async def _prepare(self, config: MemberConfig) -> Member:
+        backend = self._backends[config.display_name]
+        info = await backend.info()
+        if "verify" in config.roles and not info.can_score:
+            raise CapabilityError(
+                "this server cannot return prompt log-probs, so the member cannot verify; "
+                "give it roles=['draft']",
+                member=config.display_name,
+                endpoint=backend.endpoint,
+            )
+        fmt: PromptFormat | None = None
+        if config.template in ("auto", "chat", "server"):
+            fmt = await ChatFormat.probe(backend)
+            if fmt is None and config.template != "auto":
+                raise ConfigError(
+                    f"member {config.display_name!r} has no chat template; set template='plain'"
+                )
+        if fmt is None:
+            extra = info.extra
+            fmt = PlainFormat(bos=extra.get("bos_text", ""), eos=extra.get("eos_text", ""))
+        return Member(
+            name=config.display_name,
+            backend=backend,
+            format=fmt,
+            roles=config.roles,
+            weight=config.weight,
+            info=info,
+        )
+
+    async def aclose(self) -> None:
+        for member in self._members or []:
+            await member.backend.aclose()
+
+    # -- the public API -------------------------------------------------------
+
+    async def astream(
+        self,
+        messages: str | Sequence[Message],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        **overrides: Any,
+    ) -> AsyncIterator[Segment]:
+        """Yield accepted segments as they are chosen; the last carries the result."""
+        settings = self.settings.with_overrides(**overrides)
+        members = await self.astart()
+        request = await self._begin(_as_messages(messages), tools, settings, members)
+        emitted = 0
+        try:
+            while True:
+                record = await self._round(request)
+                finish = self._finish_reason(request, record)
+                if finish is None and request.settings.request_deadline is not None:
+                    if time.perf_counter() - request.started > request.settings.request_deadline:
+                        finish = "deadline"
+                if finish is not None:
+                    result = self._result(request, finish)
+                    yield Segment(request.fused[emitted:], record.winner, record.index, result)
+                    return
+                safe = len(request.fused) - _pending_stop_prefix(request.fused, request.settings.stop)
+                if safe > emitted:
+                    if request.trace.time_to_first_segment is None:
+                        request.trace.time_to_first_segment = time.perf_counter() - request.started
+                    yield Segment(request.fused[emitted:safe], record.winner, record.index)
+                    emitted = safe
+        finally:
+            request.trace.total_time = time.perf_counter() - request.started
+            if not request.trace.finish_reason:
+                request.trace.finish_reason = "cancelled"
+
+    async def agenerate(
+        self,
+        messages: str | Sequence[Message],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        **overrides: Any,
+    ) -> FusionResult:
+        async for segment in self.astream(messages, tools=tools, **overrides):
+            if segment.result is not None:
+                return segment.result
+        raise RuntimeError("the fusion ended without a result")  # unreachable: astream always ends with one
+
+    def generate(
+        self,
+        messages: str | Sequence[Message],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        **overrides: Any,
+    ) -> FusionResult:
+        """Blocking generate; safe to call from inside a running event loop."""
+        return self._loop_thread.run(self.agenerate(messages, tools=tools, **overrides))
+
+    def stream(
+        self,
+        messages: str | Sequence[Message],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        **overrides: Any,
+    ) -> Iterator[Segment]:
+        """Blocking stream; abandoning the iterator cancels the fusion."""
+        return self._loop_thread.iterate(lambda: self.astream(messages, tools=tools, **overrides))
+
+    def start(self) -> list[Member]:
+        """Blocking astart(): load or probe every member now rather than on first use."""
+        return self._loop_thread.run(self.astart())
+
+    def close(self) -> None:
+        self._loop_thread.run(self.aclose())
+        self._loop_thread.stop()
+
+    # -- one request ---------------------------------------------------------
+
+    async def _begin(
+        self,
+        messages: list[Message],
+        tools: Sequence[dict[str, Any]] | None,
+        settings: FusionSettings,
+        members: list[Member],
+    ) -> _Request:
+        messages = check_messages(messages)
+        prompts = dict(
+            zip(
+                [m.name for m in members],
+                await asyncio.gather(*(m.format.render(messages, tools) for m in members)),
+                strict=True,
+            )
+        )
+        counts = dict(
+            zip(
+                [m.name for m in members],
+                await asyncio.gather(*(m.backend.count_tokens(prompts[m.name]) for m in members)),
+                strict=True,
+            )
+        )
+        room = []
+        for m in members:
+            window = m.info.context_window
+            if window is None:
+                continue
+            if counts[m.name] >= window:
+                raise ContextWindowError(
+                    f"the prompt is {counts[m.name]} tokens for member {m.name!r}, whose context window "
+                    f"is {window}; shorten the prompt or drop that member"
+                )
+            room.append(window - counts[m.name])
+        seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31)
+        configured = {m.name: m.weight for m in members if m.verifies or m.drafts}
+        weights = scoring.initial_weights(configured)
+        if settings.warm_weights and self._warm_weights is not None:
+            weights = {**weights, **self._warm_weights}
+        trace = FusionTrace(
+            members=[m.name for m in members],
+            prompt_tokens=counts,
+            seed=seed,
+            settings=settings.model_dump(),
+        )
+        return _Request(
+            settings=settings,
+            prompts=prompts,
+            active=list(members),
+            weights=weights,
+            quality={m.name: 0.0 for m in members},
+            trace=trace,
+            seed=seed,
+            max_tokens=min([settings.max_tokens, *room]),
+        )
+
+    def _finish_reason(self, request: _Request, record: RoundRecord) -> str | None:
+        winner = next(c for c in record.candidates if c.member == record.winner)
+        cut = _find_stop(request.fused, request.settings.stop, len(request.fused) - len(record.accepted_text))
+        if cut is not None:
+            record.accepted_text = record.accepted_text[: max(0, len(record.accepted_text) - (len(request.fused) - cut))]
+            request.fused = request.fused[:cut]
+            return "stop"
+        if winner.finished:
+            return "stop"
+        if request.tokens_used >= request.max_tokens:
+            return "length"
+        return None
+
+    def _result(self, request: _Request, finish: str) -> FusionResult:
+        trace = request.trace
+        trace.finish_reason = finish
+        trace.total_time = time.perf_counter() - request.started
+        if trace.time_to_first_segment is None:
+            trace.time_to_first_segment = trace.total_time
+        if request.settings.warm_weights:
+            self._warm_weights = dict(request.weights)
+        called = {c.member for r in trace.rounds for c in r.calls}
+        usage = Usage(
+            input_tokens=sum(n for m, n in trace.prompt_tokens.items() if m in called),
+            output_tokens=trace.completion_tokens,
+        )
+        return FusionResult(text=request.fused, finish_reason=finish, trace=trace, usage=usage)
+
+    # -- one round ------------------------------------------------------------
+
+    async def _round(self, request: _Request) -> RoundRecord:
+        settings = request.settings
+        record = RoundRecord(index=len(request.trace.rounds) + 1)
+        started = time.perf_counter()
+        drafters = [m for m in request.active if m.drafts]
+        verifiers = [m for m in request.active if m.verifies]
+        solo = len(drafters) == 1
+        remaining = request.max_tokens - request.tokens_used
+        segment_tokens = min(settings.solo_segment_tokens if solo else settings.segment_tokens, remaining)
+
+        drafts, scores = await self._draft_and_verify(
+            request, record, drafters, [] if solo else verifiers, segment_tokens
+        )
+        if not drafts:
+            errors = "; ".join(f"{c.member}: {c.error}" for c in record.calls if c.error)
+            raise AllMembersFailedError(f"every drafter failed in round {record.index}: {errors}")
+
+        order = [m.name for m in request.active]
+        record.candidates = [
+            CandidateRecord(m, d.text, d.token_count, d.finished, d.finish_reason)
+            for m, d in sorted(drafts.items(), key=lambda kv: order.index(kv[0]))
+        ]
+        record.weights_before = dict(request.weights)
+        record.skipped_verification = solo
+        if solo or not scores:
+            winner = record.candidates[0].member
+            record.aggregated = {winner: 1.0}
+        else:
+            record.scores = scores
+            record.probabilities = scoring.normalise_per_verifier(scores, settings.tau)
+            if settings.lam > 0:
+                reward = scoring.rewards(record.probabilities, list(drafts))
+                eta = scoring.learning_rate(settings.lam, len(request.trace.members), record.index)
+                request.weights = scoring.update_weights(request.weights, reward, eta)
+            record.aggregated = scoring.aggregate(record.probabilities, request.weights, list(drafts))
+            winner = scoring.pick_winner(record.aggregated, request.weights, order)
+            for member, value in record.aggregated.items():
+                request.quality[member] += value
+        record.weights_after = dict(request.weights)
+        record.winner = winner
+        record.accepted_text = drafts[winner].text
+        request.fused += drafts[winner].text
+        request.tokens_used += drafts[winner].token_count
+
+        if settings.model_exit and not solo and record.index >= settings.exit_warmup:
+            active_drafters = [m.name for m in drafters]
+            min_active = settings.effective_min_active(len(request.trace.members))
+            record.exits = scoring.exit_decisions(
+                request.quality,
+                active_drafters,
+                temperature=settings.exit_temperature,
+                ratio=settings.exit_ratio,
+                min_active=min(min_active, len(active_drafters)),
+            )
+            request.active = [m for m in request.active if m.name not in record.exits]
+
+        record.wall_time = time.perf_counter() - started
+        request.trace.rounds.append(record)
+        return record
+
+    async def _draft_and_verify(
+        self,
+        request: _Request,
+        record: RoundRecord,
+        drafters: list[Member],
+        verifiers: list[Member],
+        segment_tokens: int,
+    ) -> tuple[dict[str, Draft], dict[str, dict[str, float]]]:
+        """Run all drafts; verify each candidate as soon as it exists.
+
+        Returns the drafts that succeeded and s[verifier][drafter].
+        """
+        settings = request.settings
+        started = time.perf_counter()
+        drafts: dict[str, Draft] = {}
+        scores: dict[str, dict[str, float]] = {v.name: {} for v in verifiers}
+        own_draft_done = {m.name: asyncio.Event() for m in drafters}
+        lanes = {
+            v.name: _ScoreLane(v, request.prompts[v.name] + request.fused, record)
+            for v in verifiers
+        }
+        index = {name: i for i, name in enumerate(request.trace.members)}
+
+        async def chain(drafter: Member) -> None:
+            stops = [*settings.stop, *drafter.format.stops]
+            sampling = Sampling(
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                seed=_call_seed(request.seed, index[drafter.name], record.index),
+            )
+            t0 = time.perf_counter()
+            try:
+                draft = await drafter.backend.draft(
+                    request.prompts[drafter.name] + request.fused,
+                    max_tokens=segment_tokens,
+                    sampling=sampling,
+                    stop=stops,
+                )
+            except (SpecfuseError, OSError, TimeoutError) as exc:
+                record.calls.append(CallRecord(drafter.name, "draft", time.perf_counter() - t0, error=_describe(exc)))
+                return
+            finally:
+                own_draft_done[drafter.name].set()
+            record.calls.append(
+                CallRecord(drafter.name, "draft", time.perf_counter() - t0, tokens=draft.token_count)
+            )
+            drafts[drafter.name] = draft
+            waits = []
+            for v in verifiers:
+                if v.name == drafter.name and not settings.self_verify:
+                    continue
+                text = draft.text + (v.format.end_of_turn if draft.finished else "")
+                waits.append((v.name, lanes[v.name].submit(text)))
+            for verifier, future in waits:
+                try:
+                    scores[verifier][drafter.name] = await future
+                except (SpecfuseError, OSError, TimeoutError):
+                    pass  # the lane recorded the failed call; this verifier just abstains
+            record.critical_path = max(record.critical_path, time.perf_counter() - started)
+
+        lane_tasks = [
+            asyncio.create_task(
+                lane.run(own_draft_done.get(name) if not lane.member.info.concurrent_calls else None)
+            )
+            for name, lane in lanes.items()
+        ]
+        chains = [asyncio.create_task(chain(d)) for d in drafters]
+        try:
+            done, pending = await asyncio.wait(chains, timeout=settings.round_deadline)
+            for task in pending:
+                task.cancel()
+            for lane in lanes.values():
+                lane.close()
+            await asyncio.gather(*lane_tasks, *pending, return_exceptions=True)
+            for task in done:
+                task.result()  # surface programming errors, not backend failures
+        finally:
+            for task in [*chains, *lane_tasks]:
+                task.cancel()
+            await asyncio.gather(*chains, *lane_tasks, return_exceptions=True)
+        late = {d.name for d in drafters} - set(drafts) - {c.member for c in record.calls if c.error}
+        for name in sorted(late):
+            record.calls.append(
+                CallRecord(name, "draft", time.perf_counter() - started, error="missed the round deadline")
+            )
+        scored = {v: {c: s for c, s in row.items() if c in drafts} for v, row in scores.items()}
+        return drafts, {v: row for v, row in scored.items() if row}
+
+
+class _ScoreLane:
+    """Feeds one verifier the candidates of a round, batching those that queue up.
+
+    A candidate is scored as soon as the verifier is free; candidates that
+    arrive while it is busy go together in its next call (one batched forward
+    pass for a local model).
+    """
+
+    def __init__(self, member: Member, context: str, record: RoundRecord) -> None:
+        self.member = member
+        self.context = context
+        self.record = record
+        self._queue: asyncio.Queue[tuple[str, asyncio.Future[float]] | None] = asyncio.Queue()
+
+    def submit(self, text: str) -> asyncio.Future[float]:
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((text, future))
+        return future
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)
+
+    async def run(self, wait_for: asyncio.Event | None) -> None:
+        if wait_for is not None:
+            # One in-process model cannot draft and score at once: let its own
+            # draft finish so the candidates that arrived meanwhile share a batch.
+            await wait_for.wait()
+        closed = False
+        while not closed:
+            item = await self._queue.get()
+            batch = []
+            while item is not None:
+                batch.append(item)
+                if self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            closed = item is None
+            if batch:
+                await self._score(batch)
+
+    async def _score(self, batch: list[tuple[str, asyncio.Future[float]]]) -> None:
+        texts = list(dict.fromkeys(text for text, _ in batch))  # identical drafts are scored once
+        t0 = time.perf_counter()
+        try:
+            results = await self.member.backend.score(self.context, texts)
+        except (SpecfuseError, OSError, TimeoutError) as exc:
+            self.record.calls.append(
+                CallRecord(self.member.name, "score", time.perf_counter() - t0, error=_describe(exc))
+            )
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(BackendError(_describe(exc), member=self.member.name))
+            return
+        tokens = sum(len(r.token_logprobs) for r in results)
+        self.record.calls.append(
+            CallRecord(self.member.name, "score", time.perf_counter() - t0, tokens=tokens)
+        )
+        by_text = {t: r.mean for t, r in zip(texts, results, strict=True)}
+        for text, future in batch:
+            if not future.done():
+                future.set_result(by_text[text])
+
+
+def _as_messages(messages: str | Sequence[Message]) -> list[Message]:
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    return [dict(m) for m in messages]
+
+
+def _call_seed(request_seed: int, member_index: int, round_index: int) -> int:
+    """A distinct, reproducible seed per (request, member, round)."""
+    return (request_seed * 1_000_003 + member_index * 7_919 + round_index) % (2**31)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _find_stop(text: str, stops: Sequence[str], new_from: int) -> int | None:
+    """Index of the earliest stop sequence that ends in the newly added text."""
+    if not stops:
+        return None
+    longest = max(len(s) for s in stops)
+    start = max(0, new_from - longest + 1)
+    hits = [i for s in stops if (i := text.find(s, start)) != -1]
+    return min(hits) if hits else None
+
+
+def _pending_stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of text that could still grow into a stop sequence.
+
+    That tail is held back from the stream until the next segment decides it.
+    """
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                best = max(best, n)
+                break
+    return best

@@ -1,0 +1,156 @@
+"""Chat messages -> each member's prompt text.
+
+Members may use different chat templates and tokenizers; they exchange only
+text. Each member renders the conversation with its own template (with the
+generation prompt added), and the fused answer is appended to that text.
+
+Two formats:
+
+* :class:`ChatFormat` uses the model's own chat template (through its
+  backend: the local tokenizer, or the server's template).
+* :class:`PlainFormat` is a completion template for base models that have no
+  chat template (e.g. Gemma 3 270M base).
+
+Each format also knows its end-of-turn string: a finished candidate is scored
+with it appended, so that "stop here" competes fairly with "go on".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from specfuse.backends.base import Backend
+from specfuse.errors import ConfigError
+
+Message = dict[str, Any]
+
+# A string no tokenizer merges with its neighbours in surprising ways, used to
+# find where an assistant turn's content ends in a rendered template.
+_SENTINEL = "\u2063SPECFUSE_SENTINEL\u2063"
+
+
+class PromptFormat(Protocol):
+    """Renders messages for one member and knows how its turns end."""
+
+    end_of_turn: str
+    #: Stop sequences the format implies (a plain template's next "User:").
+    stops: tuple[str, ...]
+
+    async def render(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None) -> str: ...
+
+
+def message_text(message: Message) -> str:
+    """The text of a message's content, refusing non-text parts."""
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if isinstance(part, str):
+            parts.append(part)
+        elif isinstance(part, dict) and part.get("type") == "text":
+            parts.append(str(part.get("text", "")))
+        else:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ConfigError(
+                f"message content part of type {kind!r} is not supported: specfuse members "
+                "read text only; pass text content"
+            )
+    return "".join(parts)
+
+
+def check_messages(messages: Sequence[Message]) -> list[Message]:
+    """Validate a conversation and normalise content to plain text."""
+    if not messages:
+        raise ConfigError("no messages: pass at least one message (e.g. a user prompt)")
+    normalised = []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role not in {"system", "user", "assistant", "tool"}:
+            raise ConfigError(
+                f"message {i} has role {role!r}; use 'system', 'user', 'assistant' or 'tool'"
+            )
+        normalised.append({**message, "content": message_text(message)})
+    return normalised
+
+
+@dataclass
+class ChatFormat:
+    """The model's own chat template, rendered by its backend."""
+
+    backend: Backend
+    end_of_turn: str
+    stops: tuple[str, ...] = ()
+
+    @classmethod
+    async def probe(cls, backend: Backend) -> ChatFormat | None:
+        """Build from the backend's template, or None when it has no chat template."""
+        conversation = [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": _SENTINEL},
+        ]
+        rendered = await backend.render_chat(conversation, add_generation_prompt=False)
+        if rendered is None:
+            return None
+        _, found, after = rendered.partition(_SENTINEL)
+        end_of_turn = after.strip() if found else ""
+        if not end_of_turn:
+            raise ConfigError(
+                f"cannot find the end-of-turn marker of the chat template of {backend.endpoint}; "
+                "set template='plain' for this member"
+            )
+        return cls(backend=backend, end_of_turn=end_of_turn)
+
+    async def render(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None) -> str:
+        rendered = await self.backend.render_chat(messages, tools, add_generation_prompt=True)
+        if rendered is None:  # the backend lost its template between calls: a bug, not user input
+            raise RuntimeError(f"{self.backend.endpoint} stopped providing a chat template")
+        return rendered
+
+
+@dataclass
+class PlainFormat:
+    """A completion template for base models: `Role: text` turns, then `Assistant:`.
+
+    A base model ends its turn by starting the next one, so "\\nUser:" is a stop
+    sequence, and the end-of-turn string scored after a finished candidate is
+    the model's end-of-sequence token text (or that stop when it has none).
+    """
+
+    bos: str = ""
+    eos: str = ""
+
+    _ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return ("\nUser:",)
+
+    @property
+    def end_of_turn(self) -> str:
+        return self.eos or "\nUser:"
+
+    async def render(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None) -> str:
+        lines = []
+        if tools:
+            lines.append("System: " + tools_instruction(tools))
+        for message in messages:
+            lines.append(f"{self._ROLE_NAMES[message['role']]}: {message_text(message).strip()}")
+        return self.bos + "\n".join(lines) + "\nAssistant:"
+
+
+def tools_instruction(tools: Sequence[dict[str, Any]]) -> str:
+    """A generic tool prompt for templates without tool support."""
+    import json
+
+    specs = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    return (
+        "You can call these tools:\n"
+        f"{specs}\n"
+        "To call a tool, answer only with a JSON object "
+        '{"name": <tool name>, "arguments": <object of arguments>} inside <tool_call></tool_call> tags.'
+    )

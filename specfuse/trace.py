@@ -1,0 +1,227 @@
+"""The user's window into the fusion: round records, summaries, JSON and HTML.
+
+The engine fills a :class:`FusionTrace` as it goes; adapters expose it (CLI
+colours, HTML view, LangChain `response_metadata`, LlamaIndex `raw`).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class CallRecord:
+    """One backend call: a draft or a score."""
+
+    member: str
+    kind: str  # "draft" | "score"
+    latency: float
+    attempts: int = 1
+    error: str | None = None
+    #: Tokens the call processed as input / produced (best effort, per the member's tokenizer).
+    tokens: int = 0
+
+
+@dataclass
+class CandidateRecord:
+    member: str
+    text: str
+    tokens: int
+    finished: bool
+    finish_reason: str
+
+
+@dataclass
+class RoundRecord:
+    index: int  # counted from 1
+    candidates: list[CandidateRecord] = field(default_factory=list)
+    #: s[verifier][candidate member] and p[verifier][candidate member]
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    probabilities: dict[str, dict[str, float]] = field(default_factory=dict)
+    aggregated: dict[str, float] = field(default_factory=dict)
+    weights_before: dict[str, float] = field(default_factory=dict)
+    weights_after: dict[str, float] = field(default_factory=dict)
+    winner: str | None = None
+    accepted_text: str = ""
+    exits: list[str] = field(default_factory=list)
+    calls: list[CallRecord] = field(default_factory=list)
+    skipped_verification: bool = False
+    wall_time: float = 0.0
+    #: Seconds from round start until every candidate's chain (draft, then its
+    #: verifications) finished: the slowest such chain, for overhead benchmarks.
+    critical_path: float = 0.0
+
+
+@dataclass
+class MemberSummary:
+    rounds: int = 0
+    calls: int = 0
+    draft_calls: int = 0
+    score_calls: int = 0
+    wins: int = 0
+    tokens_won: int = 0
+    tokens_drafted: int = 0
+    tokens_scored: int = 0
+    prompt_tokens: int = 0
+    errors: int = 0
+    exited_at_round: int | None = None
+
+
+@dataclass
+class FusionTrace:
+    members: list[str]
+    rounds: list[RoundRecord] = field(default_factory=list)
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    seed: int | None = None
+    time_to_first_segment: float | None = None
+    total_time: float = 0.0
+    finish_reason: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    # -- summaries ---------------------------------------------------------
+
+    def member_summaries(self) -> dict[str, MemberSummary]:
+        out = {m: MemberSummary(prompt_tokens=self.prompt_tokens.get(m, 0)) for m in self.members}
+        for rnd in self.rounds:
+            active = {c.member for c in rnd.candidates} | {c.member for c in rnd.calls}
+            for m in active:
+                out[m].rounds += 1
+            for call in rnd.calls:
+                s = out[call.member]
+                s.calls += 1
+                s.errors += call.error is not None
+                if call.kind == "draft":
+                    s.draft_calls += 1
+                else:
+                    s.score_calls += 1
+                    s.tokens_scored += call.tokens
+            for cand in rnd.candidates:
+                out[cand.member].tokens_drafted += cand.tokens
+            if rnd.winner is not None:
+                out[rnd.winner].wins += 1
+                won = next(c for c in rnd.candidates if c.member == rnd.winner)
+                out[rnd.winner].tokens_won += won.tokens
+            for m in rnd.exits:
+                out[m].exited_at_round = rnd.index
+        return out
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens of the fused answer, each segment counted in its drafter's tokenizer."""
+        return sum(s.tokens_won for s in self.member_summaries().values())
+
+    @property
+    def total_calls(self) -> int:
+        return sum(len(r.calls) for r in self.rounds)
+
+    @property
+    def members_per_round(self) -> float:
+        """Average number of members called per round (the paper's exit metric)."""
+        if not self.rounds:
+            return 0.0
+        return sum(len({c.member for c in r.calls}) for r in self.rounds) / len(self.rounds)
+
+    def summary(self) -> dict[str, Any]:
+        members = self.member_summaries()
+        tokens = self.completion_tokens
+        return {
+            "rounds": len(self.rounds),
+            "calls": self.total_calls,
+            "members_per_round": round(self.members_per_round, 3),
+            "completion_tokens": tokens,
+            "time_to_first_segment": self.time_to_first_segment,
+            "total_time": round(self.total_time, 4),
+            "tokens_per_second": round(tokens / self.total_time, 3) if self.total_time else None,
+            "finish_reason": self.finish_reason,
+            "exits": {m: s.exited_at_round for m, s in members.items() if s.exited_at_round},
+            "members": {m: asdict(s) for m, s in members.items()},
+        }
+
+    # -- views ---------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["summary"] = self.summary()
+        return data
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, **kwargs)
+
+    def to_html(self, title: str = "specfuse trace") -> str:
+        """A self-contained page: the fused text coloured by member, then each round."""
+        colours = member_colours(self.members)
+        esc = html.escape
+        legend = " ".join(
+            f'<span class="seg" style="background:{colours[m]}">{esc(m)}</span>' for m in self.members
+        )
+        fused = "".join(
+            f'<span class="seg" title="round {r.index}: {esc(r.winner or "")}" '
+            f'style="background:{colours.get(r.winner or "", "#eee")}">{esc(r.accepted_text)}</span>'
+            for r in self.rounds
+        )
+        rounds = []
+        for r in self.rounds:
+            verifiers = list(r.probabilities)
+            head = "".join(f"<th>p<sub>{esc(v)}</sub></th>" for v in verifiers)
+            rows = []
+            for c in r.candidates:
+                cells = "".join(
+                    f"<td>{r.probabilities[v][c.member]:.3f}<br><small>s={r.scores[v][c.member]:.3f}"
+                    "</small></td>"
+                    if c.member in r.probabilities[v]
+                    else "<td>–</td>"
+                    for v in verifiers
+                )
+                mark = "win" if c.member == r.winner else ""
+                rows.append(
+                    f'<tr class="{mark}"><td style="background:{colours[c.member]}">{esc(c.member)}</td>'
+                    f"<td><code>{esc(c.text)}</code>{' ⏹' if c.finished else ''}</td>"
+                    f"<td>{c.tokens}</td>{cells}<td>{r.aggregated.get(c.member, 0.0):.3f}</td></tr>"
+                )
+            notes = []
+            if r.skipped_verification:
+                notes.append("single drafter: verification skipped")
+            if r.exits:
+                notes.append("exits: " + ", ".join(map(esc, r.exits)))
+            errors = [f"{esc(c.member)} {c.kind}: {esc(c.error)}" for c in r.calls if c.error]
+            notes.extend(errors)
+            rounds.append(
+                f"<h3>Round {r.index} <small>{r.wall_time * 1000:.0f} ms</small></h3>"
+                f"<table><tr><th>member</th><th>candidate</th><th>tokens</th>{head}<th>S</th></tr>"
+                + "".join(rows)
+                + "</table>"
+                + (f"<p class='note'>{'; '.join(notes)}</p>" if notes else "")
+            )
+        summary = esc(json.dumps(self.summary(), indent=2, ensure_ascii=False))
+        return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; }}
+.seg {{ border-radius: 3px; padding: 0 1px; white-space: pre-wrap; }}
+.fused {{ line-height: 1.8; border: 1px solid #ccc; padding: 1em; }}
+table {{ border-collapse: collapse; margin-bottom: .5em; }}
+td, th {{ border: 1px solid #ccc; padding: 2px 6px; vertical-align: top; }}
+tr.win td {{ font-weight: bold; }}
+.note {{ color: #a33; }}
+</style></head><body>
+<h1>{esc(title)}</h1>
+<p>{legend}</p>
+<div class="fused">{fused}</div>
+<h2>Summary</h2><pre>{summary}</pre>
+<h2>Rounds</h2>
+{"".join(rounds)}
+</body></html>
+"""
+
+
+_PALETTE = ["#ffd6a5", "#caffbf", "#9bf6ff", "#bdb2ff", "#ffc6ff", "#fdffb6", "#a0c4ff", "#ffadad"]
+#: rich colour names matching the HTML palette order, for the CLI.
+RICH_PALETTE = ["orange1", "green3", "cyan", "medium_purple1", "orchid1", "yellow", "sky_blue1", "red"]
+
+
+def member_colours(members: list[str]) -> dict[str, str]:
+    return {m: _PALETTE[i % len(_PALETTE)] for i, m in enumerate(members)}
