@@ -9,6 +9,7 @@ thread, owned by one model object and reused across calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -50,10 +51,8 @@ class LoopThread:
             return future.result()
         except BaseException:
             future.cancel()
-            try:
+            with contextlib.suppress(BaseException):
                 future.result(timeout=5)
-            except BaseException:  # noqa: S110 - we only waited for the cancellation to land
-                pass
             raise
 
     def iterate(self, make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
@@ -95,4 +94,3 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-

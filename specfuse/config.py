@@ -85,8 +85,7 @@ class FusionSettings(BaseModel):
         unknown = set(overrides) - set(type(self).model_fields)
         if unknown:
             raise ConfigError(
-                f"unknown fusion setting(s) {sorted(unknown)}; "
-                f"known: {sorted(type(self).model_fields)}"
+                f"unknown fusion setting(s) {sorted(unknown)}; known: {sorted(type(self).model_fields)}"
             )
         data = self.model_dump()
         data.update({k: v for k, v in overrides.items() if v is not None})

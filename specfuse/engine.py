@@ -20,9 +20,10 @@ trace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,8 +174,11 @@ class SpecFuse:
         assert self.config is not None
         return [m.display_name for m in self.config.members]
 
-    async def astart(self) -> list[Member]:
-        """Load or probe every member once; later calls return at once."""
+    async def astart(self, on_ready: Callable[[str, float], None] | None = None) -> list[Member]:
+        """Load or probe every member once; later calls return at once.
+
+        on_ready(member name, seconds) is called as each member becomes ready.
+        """
         if self._members is not None:
             return self._members
         if self._start_lock is None:
@@ -183,12 +187,13 @@ class SpecFuse:
             if self._members is None:
                 assert self.config is not None
                 self._members = list(
-                    await asyncio.gather(*(self._prepare(m) for m in self.config.members))
+                    await asyncio.gather(*(self._prepare(m, on_ready) for m in self.config.members))
                 )
         return self._members
 
-    async def _prepare(self, config: MemberConfig) -> Member:
+    async def _prepare(self, config: MemberConfig, on_ready: Callable[[str, float], None] | None) -> Member:
         backend = self._backends[config.display_name]
+        started = time.perf_counter()
         info = await backend.info()
         if "verify" in config.roles and not info.can_score:
             raise CapabilityError(
@@ -207,6 +212,8 @@ class SpecFuse:
         if fmt is None:
             extra = info.extra
             fmt = PlainFormat(bos=extra.get("bos_text", ""), eos=extra.get("eos_text", ""))
+        if on_ready is not None:
+            on_ready(config.display_name, time.perf_counter() - started)
         return Member(
             name=config.display_name,
             backend=backend,
@@ -238,9 +245,13 @@ class SpecFuse:
             while True:
                 record = await self._round(request)
                 finish = self._finish_reason(request, record)
-                if finish is None and request.settings.request_deadline is not None:
-                    if time.perf_counter() - request.started > request.settings.request_deadline:
-                        finish = "deadline"
+                deadline = request.settings.request_deadline
+                if (
+                    finish is None
+                    and deadline is not None
+                    and time.perf_counter() - request.started > deadline
+                ):
+                    finish = "deadline"
                 if finish is not None:
                     result = self._result(request, finish)
                     yield Segment(request.fused[emitted:], record.winner, record.index, result)
@@ -288,9 +299,9 @@ class SpecFuse:
         """Blocking stream; abandoning the iterator cancels the fusion."""
         return self._loop_thread.iterate(lambda: self.astream(messages, tools=tools, **overrides))
 
-    def start(self) -> list[Member]:
+    def start(self, on_ready: Callable[[str, float], None] | None = None) -> list[Member]:
         """Blocking astart(): load or probe every member now rather than on first use."""
-        return self._loop_thread.run(self.astart())
+        return self._loop_thread.run(self.astart(on_ready))
 
     def close(self) -> None:
         self._loop_thread.run(self.aclose())
@@ -357,7 +368,9 @@ class SpecFuse:
         winner = next(c for c in record.candidates if c.member == record.winner)
         cut = _find_stop(request.fused, request.settings.stop, len(request.fused) - len(record.accepted_text))
         if cut is not None:
-            record.accepted_text = record.accepted_text[: max(0, len(record.accepted_text) - (len(request.fused) - cut))]
+            record.accepted_text = record.accepted_text[
+                : max(0, len(record.accepted_text) - (len(request.fused) - cut))
+            ]
             request.fused = request.fused[:cut]
             return "stop"
         if winner.finished:
@@ -460,10 +473,7 @@ class SpecFuse:
         drafts: dict[str, Draft] = {}
         scores: dict[str, dict[str, float]] = {v.name: {} for v in verifiers}
         own_draft_done = {m.name: asyncio.Event() for m in drafters}
-        lanes = {
-            v.name: _ScoreLane(v, request.prompts[v.name] + request.fused, record)
-            for v in verifiers
-        }
+        lanes = {v.name: _ScoreLane(v, request.prompts[v.name] + request.fused, record) for v in verifiers}
         index = {name: i for i, name in enumerate(request.trace.members)}
 
         async def chain(drafter: Member) -> None:
@@ -482,7 +492,9 @@ class SpecFuse:
                     stop=stops,
                 )
             except (SpecfuseError, OSError, TimeoutError) as exc:
-                record.calls.append(CallRecord(drafter.name, "draft", time.perf_counter() - t0, error=_describe(exc)))
+                record.calls.append(
+                    CallRecord(drafter.name, "draft", time.perf_counter() - t0, error=_describe(exc))
+                )
                 return
             finally:
                 own_draft_done[drafter.name].set()
@@ -497,10 +509,9 @@ class SpecFuse:
                 text = draft.text + (v.format.end_of_turn if draft.finished else "")
                 waits.append((v.name, lanes[v.name].submit(text)))
             for verifier, future in waits:
-                try:
+                # A failed score call is recorded by its lane; the verifier just abstains.
+                with contextlib.suppress(SpecfuseError, OSError, TimeoutError):
                     scores[verifier][drafter.name] = await future
-                except (SpecfuseError, OSError, TimeoutError):
-                    pass  # the lane recorded the failed call; this verifier just abstains
             record.critical_path = max(record.critical_path, time.perf_counter() - started)
 
         lane_tasks = [

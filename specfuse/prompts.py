@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from specfuse.backends.base import Backend
 from specfuse.errors import ConfigError
@@ -71,9 +71,7 @@ def check_messages(messages: Sequence[Message]) -> list[Message]:
     for i, message in enumerate(messages):
         role = message.get("role")
         if role not in {"system", "user", "assistant", "tool"}:
-            raise ConfigError(
-                f"message {i} has role {role!r}; use 'system', 'user', 'assistant' or 'tool'"
-            )
+            raise ConfigError(f"message {i} has role {role!r}; use 'system', 'user', 'assistant' or 'tool'")
         normalised.append({**message, "content": message_text(message)})
     return normalised
 
@@ -124,7 +122,12 @@ class PlainFormat:
     bos: str = ""
     eos: str = ""
 
-    _ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+    _ROLE_NAMES: ClassVar[dict[str, str]] = {
+        "system": "System",
+        "user": "User",
+        "assistant": "Assistant",
+        "tool": "Tool",
+    }
 
     @property
     def stops(self) -> tuple[str, ...]:

