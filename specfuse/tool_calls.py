@@ -60,9 +60,7 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def parse_tool_calls(
-    text: str, tool_names: Sequence[str] = (), forced: str | None = None
-) -> ParsedText:
+def parse_tool_calls(text: str, tool_names: Sequence[str] = (), forced: str | None = None) -> ParsedText:
     """Find tool calls in text.
 
     Tried in order, first kind found wins: ``<tool_call>`` tags (an unclosed last
