@@ -220,7 +220,7 @@ async def with_retries(
                 except RetryableError:
                     pool.mark_down(url)
                     raise
-                except (httpx.TimeoutException, TimeoutError, asyncio.TimeoutError) as exc:
+                except (httpx.TimeoutException, TimeoutError) as exc:
                     pool.mark_down(url)
                     raise RetryableError(f"{what} timed out: {type(exc).__name__}") from None
                 except (httpx.TransportError, OSError) as exc:

@@ -139,7 +139,11 @@ class RemoteBackend(Backend):
     # -- scoring helper ---------------------------------------------------------------
 
     def pick_covering(
-        self, full_text: str, context_length: int, texts: Sequence[str | None], logprobs: Sequence[float | None]
+        self,
+        full_text: str,
+        context_length: int,
+        texts: Sequence[str | None],
+        logprobs: Sequence[float | None],
     ) -> CandidateScore:
         """Log-probs of the trailing tokens that cover full_text[context_length:]."""
         try:

@@ -68,7 +68,12 @@ class TGIBackend(RemoteBackend):
 
     async def _json(self, url: str, path: str, payload: dict[str, Any] | None, method: str = "POST") -> Any:
         return await post_json(
-            self.clients.get(), url + path, payload, token=self.token(url), timeout=self.timeout, method=method
+            self.clients.get(),
+            url + path,
+            payload,
+            token=self.token(url),
+            timeout=self.timeout,
+            method=method,
         )
 
     # -- Backend ---------------------------------------------------------------------
@@ -161,7 +166,9 @@ class TGIBackend(RemoteBackend):
         if tools:
             payload["tools"] = list(tools)
         try:
-            data = await self.call("POST /chat_tokenize", lambda url: self._json(url, "/chat_tokenize", payload))
+            data = await self.call(
+                "POST /chat_tokenize", lambda url: self._json(url, "/chat_tokenize", payload)
+            )
         except RemoteError as exc:
             if exc.status in (400, 404, 422):  # no chat template (a base model) or no such route
                 return None

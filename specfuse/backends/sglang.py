@@ -1,0 +1,136 @@
+"""SGLang's native `/generate` API.
+
+Scoring sets `logprob_start_len` at the shared context (in tokens), so the
+server reuses its cached prefix and computes log-probs only over the tail:
+the cheapest verification of the three protocols. The context's token count
+is learnt once per context with a `max_new_tokens: 0` call (which also warms
+the prefix cache); a margin of a few tokens before it lets the tail alignment
+see the token that straddles the context boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from specfuse.backends._http import post_json
+from specfuse.backends._remote import RemoteBackend, cut_at_stop
+from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling
+
+#: Tokens before the context boundary whose log-probs are also requested (boundary merges).
+_MARGIN = 3
+
+
+class SGLangBackend(RemoteBackend):
+    """An SGLang server (one or more replica URLs), native API."""
+
+    protocol = "sglang"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._context_tokens: OrderedDict[str, int] = OrderedDict()
+
+    async def _post(self, url: str, path: str, payload: dict[str, Any] | None, method: str = "POST") -> Any:
+        return await post_json(
+            self.clients.get(),
+            url + path,
+            payload,
+            token=self.token(url),
+            timeout=self.timeout,
+            method=method,
+        )
+
+    async def _generate(self, payload: dict[str, Any], what: str = "POST /generate") -> Any:
+        return await self.call(what, lambda url: self._post(url, "/generate", payload))
+
+    async def info(self) -> BackendInfo:
+        if self._info is not None:
+            return self._info
+        data = await self.call(
+            "GET /get_model_info", lambda url: self._post(url, "/get_model_info", None, method="GET")
+        )
+        probe = await self._generate(
+            {
+                "text": "Hello world",
+                "sampling_params": {"max_new_tokens": 0},
+                "return_logprob": True,
+                "logprob_start_len": 0,
+            },
+            "probe POST /generate",
+        )
+        lps = (probe.get("meta_info") or {}).get("input_token_logprobs") or []
+        extras = await asyncio.to_thread(self.text_extras)
+        window = data.get("context_length") or data.get("max_total_num_tokens")
+        self._info = BackendInfo(
+            model_id=str(data.get("model_path") or self.model),
+            context_window=int(window) if window else None,
+            can_score=any(row and row[0] is not None for row in lps),
+            concurrent_calls=True,
+            extra={**extras, "replicas": len(self.urls)},
+        )
+        return self._info
+
+    async def draft(
+        self, context: str, *, max_tokens: int, sampling: Sampling, stop: Sequence[str] = ()
+    ) -> Draft:
+        params: dict[str, Any] = {"max_new_tokens": max_tokens, "temperature": sampling.temperature}
+        if sampling.temperature > 0:
+            params["top_p"] = sampling.top_p
+            if sampling.seed is not None:
+                params["seed"] = sampling.seed
+        if stop:
+            params["stop"] = list(stop)
+        data = await self._generate({"text": context, "sampling_params": params, "return_logprob": True})
+        meta = data.get("meta_info") or {}
+        text, hit = cut_at_stop(data.get("text") or "", stop)
+        reason = meta.get("finish_reason") or {}
+        finish: FinishReason
+        if hit or (reason.get("type") == "stop" and isinstance(reason.get("matched"), str)):
+            finish = "stop"
+        elif reason.get("type") == "stop":
+            finish = "eos"
+        else:
+            finish = "length"
+        out = meta.get("output_token_logprobs") or []
+        count = int(meta.get("completion_tokens") or len(out)) - (1 if finish == "eos" else 0)
+        return Draft(
+            text=text.rstrip("\ufffd"),
+            token_count=max(0, count),
+            finish_reason=finish,
+            token_logprobs=tuple(float(r[0]) for r in out if r and r[0] is not None),
+        )
+
+    async def _count_context(self, context: str) -> int:
+        if context in self._context_tokens:
+            self._context_tokens.move_to_end(context)
+            return self._context_tokens[context]
+        data = await self._generate({"text": context, "sampling_params": {"max_new_tokens": 0}})
+        n = int((data.get("meta_info") or {}).get("prompt_tokens") or 0)
+        self._context_tokens[context] = n
+        while len(self._context_tokens) > 16:
+            self._context_tokens.popitem(last=False)
+        return n
+
+    async def score(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
+        start = max(0, await self._count_context(context) - _MARGIN)
+        return list(await asyncio.gather(*(self._score_one(context, c, start) for c in candidates)))
+
+    async def _score_one(self, context: str, candidate: str, start: int) -> CandidateScore:
+        full = context + candidate
+        data = await self._generate(
+            {
+                "text": full,
+                "sampling_params": {"max_new_tokens": 0},
+                "return_logprob": True,
+                "logprob_start_len": start,
+                "return_text_in_logprobs": True,
+            },
+            "POST /generate (logprobs)",
+        )
+        rows = (data.get("meta_info") or {}).get("input_token_logprobs") or []
+        return self.pick_covering(full, len(context), [r[2] for r in rows], [r[0] for r in rows])
+
+    async def count_tokens(self, text: str) -> int:
+        return await self._count_context(text)
