@@ -1,0 +1,211 @@
+"""Settings and engine plumbing shared by ChatSpecFuse and SpecFuseLLM.
+
+The adapters hold no algorithm: they turn LangChain settings into the core's
+per-request overrides, build one :class:`specfuse.SpecFuse` lazily, and turn
+its results into LangChain metadata.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.utils import secret_from_env
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+
+from specfuse import (
+    DEFAULT_LOCAL_MODELS,
+    EnsembleConfig,
+    FusionResult,
+    FusionSettings,
+    MemberConfig,
+    SpecFuse,
+)
+
+#: Fusion settings exposed as first-class fields (the ones LangChain users expect
+#: by name); every other FusionSettings knob goes through `fusion={...}`.
+_TOP_LEVEL_SETTINGS = ("temperature", "max_tokens", "top_p", "seed", "segment_tokens")
+
+
+class SpecFuseParams(BaseModel):
+    """How to reach the ensemble and the default fusion settings of each request.
+
+    The ensemble comes from, in order: `config_path` (a `.toml`/`.json` ensemble
+    file), `members` (model short names, or MemberConfig objects / dicts), or,
+    when neither is given, the embedded offline ensemble
+    (`specfuse.DEFAULT_LOCAL_MODELS`).
+    """
+
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
+
+    members: list[str | dict[str, Any]] | None = None
+    """Member specs: model short names, or MemberConfig fields as dicts."""
+    config_path: str | None = None
+    """An ensemble config file; takes precedence over `members`."""
+    model_name: str | None = Field(default=None, alias="model")
+    """A label for traces and usage callbacks; defaults to `specfuse:<member>+<member>...`."""
+
+    temperature: float | None = None
+    max_tokens: int | None = None
+    """Max tokens of the fused answer (counted in each winning drafter's tokenizer)."""
+    top_p: float | None = None
+    seed: int | None = None
+    segment_tokens: int | None = None
+    stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    """Stop sequences applied to every call, in addition to the per-call `stop`."""
+    fusion: dict[str, Any] = Field(default_factory=dict)
+    """Any other FusionSettings field (tau, lam, model_exit, ...)."""
+
+    timeout: float | None = None
+    """Seconds allowed per response; maps to the core's `request_deadline`."""
+    max_retries: int | None = None
+    """Accepted for LangChain's standard parameters; retries are per backend in the core."""
+    streaming: bool = False
+    """When True, invoke() runs through the segment stream (so callbacks see each segment)."""
+
+    api_key: SecretStr | None = Field(default_factory=secret_from_env("SPECFUSE_API_KEY", default=None))
+    """Bearer token for remote members that have none of their own (env SPECFUSE_API_KEY)."""
+    member_api_keys: dict[str, SecretStr] = Field(default_factory=dict, exclude=True, repr=False)
+    """Per-member keys lifted out of `members` so no secret is serialised."""
+
+    _engine: SpecFuse | None = PrivateAttr(default=None)
+    _engine_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_member_secrets(cls, data: Any) -> Any:
+        """Move api keys out of member specs into the excluded `member_api_keys`."""
+        if not isinstance(data, dict) or not data.get("members"):
+            return data
+        data = dict(data)
+        keys: dict[str, Any] = dict(data.get("member_api_keys") or {})
+        specs: list[Any] = []
+        for spec in data["members"]:
+            if isinstance(spec, MemberConfig):
+                key = spec.api_key
+                spec = spec.model_dump(mode="json", exclude_defaults=True)
+            elif isinstance(spec, dict):
+                spec = dict(spec)
+                key = spec.pop("api_key", None)
+            else:
+                key = None
+            if key is not None and isinstance(spec, dict):
+                keys[spec.get("name") or spec["model"]] = key
+            specs.append(spec)
+        data["members"] = specs
+        data["member_api_keys"] = keys
+        return data
+
+    @model_validator(mode="after")
+    def _check_fusion(self) -> SpecFuseParams:
+        # Validate early, so a typo fails at construction rather than on first call.
+        FusionSettings().with_overrides(**self._overrides(None, {}))
+        return self
+
+    # -- the ensemble ---------------------------------------------------------
+
+    def ensemble_config(self) -> EnsembleConfig:
+        """The EnsembleConfig this model fuses (secrets applied)."""
+        if self.config_path:
+            config = EnsembleConfig.from_file(self.config_path)
+        elif self.members:
+            config = EnsembleConfig.build(list(self.members))
+        else:
+            config = EnsembleConfig.local()
+        members = []
+        for member in config.members:
+            key = self.member_api_keys.get(member.display_name) or (
+                self.api_key if member.backend != "local" else None
+            )
+            if key is not None and member.api_key is None:
+                member = member.model_copy(update={"api_key": key})
+            members.append(member)
+        return config.model_copy(update={"members": members})
+
+    @property
+    def engine(self) -> SpecFuse:
+        """The SpecFuse engine, built on first use and reused (models stay loaded)."""
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = SpecFuse(self.ensemble_config())
+            return self._engine
+
+    def _member_names(self) -> list[str]:
+        if self._engine is not None:
+            return self._engine.member_names
+        if self.config_path:
+            try:
+                return [m.display_name for m in EnsembleConfig.from_file(self.config_path).members]
+            except Exception:  # a label must never fail; the real error surfaces on the first call
+                return []
+        if self.members:
+            return [m if isinstance(m, str) else (m.get("name") or m["model"]) for m in self.members]
+        return list(DEFAULT_LOCAL_MODELS)
+
+    @property
+    def resolved_model_name(self) -> str:
+        """`model_name`, or `specfuse:` followed by the member names joined with `+`."""
+        if self.model_name:
+            return self.model_name
+        names = self._member_names()
+        return "specfuse:" + "+".join(names) if names else "specfuse"
+
+    # -- per request ------------------------------------------------------------
+
+    def _overrides(self, stop: list[str] | None, call: dict[str, Any]) -> dict[str, Any]:
+        """Fusion overrides of one request: fields, then `fusion`, then per-call kwargs."""
+        out: dict[str, Any] = dict(self.fusion)
+        for name in _TOP_LEVEL_SETTINGS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        if self.timeout is not None:
+            out["request_deadline"] = self.timeout
+        out.update({k: v for k, v in call.items() if v is not None})
+        stops = list(dict.fromkeys([*(self.stop or []), *(stop or []), *(call.get("stop") or [])]))
+        if stops:
+            out["stop"] = stops
+        return out
+
+
+def usage_metadata(result: FusionResult) -> UsageMetadata:
+    """LangChain usage of one fused response.
+
+    input_tokens: the prompt as each member called in the response read it,
+    summed over those members (each in its own tokenizer); output_tokens: the
+    fused answer, each segment counted in the tokenizer of the member that
+    drafted it. Verification prefills are not counted here; they are in
+    `response_metadata["specfuse_member_usage"]` (tokens_scored).
+    """
+    return UsageMetadata(
+        input_tokens=result.usage.input_tokens,
+        output_tokens=result.usage.output_tokens,
+        total_tokens=result.usage.total_tokens,
+    )
+
+
+def member_usage(result: FusionResult) -> dict[str, dict[str, int]]:
+    """Per-member token totals of one response (from the trace)."""
+    return {
+        name: {
+            "prompt_tokens": s.prompt_tokens if s.calls else 0,
+            "tokens_drafted": s.tokens_drafted,
+            "tokens_won": s.tokens_won,
+            "tokens_scored": s.tokens_scored,
+            "calls": s.calls,
+            "wins": s.wins,
+        }
+        for name, s in result.trace.member_summaries().items()
+    }
+
+
+def result_metadata(result: FusionResult, model_name: str) -> dict[str, Any]:
+    """What a response reports besides its text: model, finish, fusion summary and trace."""
+    return {
+        "model_name": model_name,
+        "finish_reason": result.finish_reason,
+        "specfuse_summary": result.trace.summary(),
+        "specfuse_member_usage": member_usage(result),
+        "specfuse_trace": result.trace.to_dict(),
+    }

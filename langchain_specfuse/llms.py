@@ -1,0 +1,150 @@
+"""SpecFuseLLM: the fused ensemble as a LangChain text-completion model (BaseLLM)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseLLM
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+
+from langchain_specfuse._base import SpecFuseParams, result_metadata, usage_metadata
+from specfuse import FusionResult, Segment
+
+
+class SpecFuseLLM(SpecFuseParams, BaseLLM):
+    """Several LLMs fused into one completion model (SpecFuse, arXiv 2412.07380).
+
+    A prompt string is sent to each member as one user turn, rendered with that
+    member's own chat template (or the plain template for base models).
+    Settings, usage counting and metadata are as for `ChatSpecFuse`: each
+    Generation's `generation_info` holds `usage_metadata`, `finish_reason`,
+    `specfuse_summary`, `specfuse_member_usage` and `specfuse_trace`;
+    `llm_output["token_usage"]` sums usage over the prompts of the call.
+    Streaming yields one GenerationChunk per accepted segment and reports each
+    to `on_llm_new_token` (BaseLLM leaves that to the integration).
+    """
+
+    @classmethod
+    def local(cls, models: Sequence[str] | None = None, **kwargs: Any) -> SpecFuseLLM:
+        """The embedded offline ensemble, or a subset of its short names."""
+        return cls(members=list(models) if models is not None else None, **kwargs)
+
+    @classmethod
+    def from_file(cls, path: str, **kwargs: Any) -> SpecFuseLLM:
+        return cls(config_path=str(path), **kwargs)
+
+    @property
+    def _llm_type(self) -> str:
+        return "specfuse"
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        return True
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        return ["langchain_specfuse", "llms"]
+
+    @property
+    def lc_secrets(self) -> dict[str, str]:
+        return {"api_key": "SPECFUSE_API_KEY"}
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self.resolved_model_name,
+            "members": self.members,
+            "config_path": self.config_path,
+            **self._overrides(None, {}),
+        }
+
+    def _info(self, result: FusionResult) -> dict[str, Any]:
+        return {**result_metadata(result, self.resolved_model_name), "usage_metadata": usage_metadata(result)}
+
+    def _chunk(self, segment: Segment) -> GenerationChunk:
+        info = {
+            "specfuse_segments": [{"member": segment.member, "round": segment.round, "text": segment.text}]
+        }
+        if segment.result is not None:
+            info.update(self._info(segment.result))
+        return GenerationChunk(text=segment.text, generation_info=info)
+
+    def _llm_result(self, generations: list[list[Generation]]) -> LLMResult:
+        totals = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+        for gens in generations:
+            usage = (gens[0].generation_info or {}).get("usage_metadata") or {}
+            for key in totals:
+                totals[key] += int(usage.get(key, 0))
+        return LLMResult(
+            generations=generations,
+            llm_output={"token_usage": totals, "model_name": self.resolved_model_name},
+        )
+
+    def _generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        generations: list[list[Generation]] = []
+        for prompt in prompts:
+            if self.streaming:
+                final: GenerationChunk | None = None
+                for chunk in self._stream(prompt, stop, run_manager, **kwargs):
+                    final = chunk if final is None else final + chunk
+                assert final is not None  # the engine always yields a last segment
+                generations.append([Generation(text=final.text, generation_info=final.generation_info)])
+                continue
+            result = self.engine.generate(prompt, **self._overrides(stop, kwargs))
+            generations.append([Generation(text=result.text, generation_info=self._info(result))])
+        return self._llm_result(generations)
+
+    async def _agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        generations: list[list[Generation]] = []
+        for prompt in prompts:
+            if self.streaming:
+                final: GenerationChunk | None = None
+                async for chunk in self._astream(prompt, stop, run_manager, **kwargs):
+                    final = chunk if final is None else final + chunk
+                assert final is not None
+                generations.append([Generation(text=final.text, generation_info=final.generation_info)])
+                continue
+            result = await self.engine.agenerate(prompt, **self._overrides(stop, kwargs))
+            generations.append([Generation(text=result.text, generation_info=self._info(result))])
+        return self._llm_result(generations)
+
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
+        for segment in self.engine.stream(prompt, **self._overrides(stop, kwargs)):
+            chunk = self._chunk(segment)
+            # BaseLLM.stream() passes its run_manager and expects the integration to report tokens.
+            if run_manager is not None:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+
+    async def _astream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[GenerationChunk]:
+        async for segment in self.engine.astream(prompt, **self._overrides(stop, kwargs)):
+            chunk = self._chunk(segment)
+            if run_manager is not None:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk

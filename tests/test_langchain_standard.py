@@ -1,0 +1,83 @@
+"""LangChain's standard test suites, run against a real local ensemble.
+
+Ensemble: qwen2.5-coder-0.5b (drafts and verifies; the only embedded model
+with a tool-calling chat template) plus smollm2-135m (drafts only). Both draft
+every round and qwen scores both candidates, so this is a real fusion, with
+model exit free to drop smollm2 when its drafts keep losing. Verification by
+the tool-aware member keeps tool-call JSON intact, which a tool-blind verifier
+would not (see the report in test_langchain_adapter.py for fusion-specific
+behaviour on other ensembles).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from langchain_core.language_models import BaseChatModel
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+from langchain_specfuse import ChatSpecFuse
+
+MEMBERS: list[dict[str, Any]] = [
+    {"model": "qwen2.5-coder-0.5b"},
+    {"model": "smollm2-135m", "roles": ["draft"]},
+]
+
+#: 64 tokens fit the longest answer the suite needs (a joke as a tool call).
+PARAMS: dict[str, Any] = {"members": MEMBERS, "max_tokens": 64, "temperature": 0, "seed": 7}
+
+
+class TestChatSpecFuseUnit(ChatModelUnitTests):
+    @property
+    def chat_model_class(self) -> type[ChatSpecFuse]:
+        return ChatSpecFuse
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        # test_standard_params passes max_tokens itself, so it must not be here too.
+        return {k: v for k, v in PARAMS.items() if k != "max_tokens"}
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @property
+    def init_from_env_params(self) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
+        return {"SPECFUSE_API_KEY": "sk-env-test"}, {"members": MEMBERS}, {"api_key": "sk-env-test"}
+
+
+    # Not a model limitation: langchain-core 1.8's load(allowed_objects="all") admits only
+    # the classes listed in its own serialization mapping, so no third-party class can
+    # round-trip here. The same logic (dumpd without secrets, load back to equal settings)
+    # is proven by test_langchain_adapter.py::test_serialisation_round_trip_without_secrets.
+    @pytest.mark.xfail(
+        reason="langchain-core 1.8 load(allowed_objects='all') rejects classes outside its own "
+        "mapping; round trip proven by test_serialisation_round_trip_without_secrets",
+        strict=True,
+    )
+    def test_serdes(self, model: BaseChatModel, snapshot: Any) -> None:
+        super().test_serdes(model, snapshot)
+
+
+class TestChatSpecFuseIntegration(ChatModelIntegrationTests):
+    @property
+    def chat_model_class(self) -> type[ChatSpecFuse]:
+        return ChatSpecFuse
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        return dict(PARAMS)
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
