@@ -82,20 +82,14 @@ def _generate(args: argparse.Namespace) -> int:
         out.print()
         _print_summary(console, result, colours)
     else:
-        out.print_json(
-            json.dumps(
-                {
-                    "text": result.text,
-                    "finish_reason": result.finish_reason,
-                    "usage": {
-                        "input_tokens": result.usage.input_tokens,
-                        "output_tokens": result.usage.output_tokens,
-                    },
-                    "trace": result.trace.to_dict(),
-                },
-                ensure_ascii=False,
-            )
-        )
+        payload = {
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "usage": {"input_tokens": result.usage.input_tokens, "output_tokens": result.usage.output_tokens},
+            "trace": result.trace.to_dict(),
+        }
+        # plain print: rich would wrap long lines and break the JSON
+        print(json.dumps(payload, ensure_ascii=False, indent=2))
     if args.trace:
         Path(args.trace).write_text(result.trace.to_html(title=args.prompt[:80]), encoding="utf-8")
         console.print(f"[dim]trace written to {args.trace}[/dim]")

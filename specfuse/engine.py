@@ -262,10 +262,13 @@ class SpecFuse:
                         request.trace.time_to_first_segment = time.perf_counter() - request.started
                     yield Segment(request.fused[emitted:safe], record.winner, record.index)
                     emitted = safe
+        except BaseException as exc:
+            # The trace outlives the request (callers may hold it): say how it ended.
+            cancelled = isinstance(exc, (asyncio.CancelledError, GeneratorExit))
+            request.trace.finish_reason = "cancelled" if cancelled else "error"
+            raise
         finally:
             request.trace.total_time = time.perf_counter() - request.started
-            if not request.trace.finish_reason:
-                request.trace.finish_reason = "cancelled"
 
     async def agenerate(
         self,

@@ -195,7 +195,20 @@ class FusionTrace:
                 + "</table>"
                 + (f"<p class='note'>{'; '.join(notes)}</p>" if notes else "")
             )
-        summary = esc(json.dumps(self.summary(), indent=2, ensure_ascii=False))
+        summary = self.summary()
+        member_rows = "".join(
+            f'<tr><td style="background:{colours[m]}">{esc(m)}</td><td>{s["rounds"]}</td>'
+            f"<td>{s['calls']}</td><td>{s['wins']}</td><td>{s['tokens_won']}</td>"
+            f"<td>{s['tokens_drafted']}</td><td>{s['errors']}</td><td>{s['exited_at_round'] or '–'}</td></tr>"
+            for m, s in summary["members"].items()
+        )
+        ttfs = summary["time_to_first_segment"] or 0.0
+        totals = (
+            f"{summary['rounds']} rounds · {summary['calls']} calls · "
+            f"{summary['members_per_round']:.2f} members/round · first segment {ttfs:.2f} s · "
+            f"total {summary['total_time']:.2f} s · {summary['tokens_per_second'] or 0:.1f} tokens/s · "
+            f"finish: {esc(summary['finish_reason'])}"
+        )
         return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>
@@ -210,7 +223,10 @@ tr.win td {{ font-weight: bold; }}
 <h1>{esc(title)}</h1>
 <p>{legend}</p>
 <div class="fused">{fused}</div>
-<h2>Summary</h2><pre>{summary}</pre>
+<h2>Summary</h2>
+<p>{totals}</p>
+<table><tr><th>member</th><th>rounds</th><th>calls</th><th>wins</th><th>tokens won</th>
+<th>tokens drafted</th><th>errors</th><th>exited at round</th></tr>{member_rows}</table>
 <h2>Rounds</h2>
 {"".join(rounds)}
 </body></html>

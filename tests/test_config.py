@@ -26,7 +26,7 @@ def test_no_members() -> None:
 
 
 def test_duplicate_names() -> None:
-    with pytest.raises(ConfigError, match="duplicate member names.*name="):
+    with pytest.raises(ConfigError, match=r"duplicate member names.*name="):
         EnsembleConfig.build(["smollm2-135m", "smollm2-135m"])
 
 
@@ -65,7 +65,7 @@ def test_min_active_above_drafters() -> None:
 
 
 def test_unknown_model_short_name_is_refused_at_construction() -> None:
-    with pytest.raises(ModelNotAvailableError, match="unknown local model 'gpt-9'.*smollm2-135m"):
+    with pytest.raises(ModelNotAvailableError, match=r"unknown local model 'gpt-9'.*smollm2-135m"):
         SpecFuse.from_members(["gpt-9"])
 
 

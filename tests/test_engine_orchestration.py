@@ -31,7 +31,9 @@ class ScriptedBackend(Backend):
     async def info(self) -> BackendInfo:
         return BackendInfo(model_id=self.name, context_window=10_000)
 
-    async def draft(self, context: str, *, max_tokens: int, sampling: Sampling, stop: Sequence[str] = ()) -> Draft:
+    async def draft(
+        self, context: str, *, max_tokens: int, sampling: Sampling, stop: Sequence[str] = ()
+    ) -> Draft:
         self.log.append((time.perf_counter(), self.name, "draft-start"))
         await asyncio.sleep(self.delay)
         if self.fail:
@@ -142,5 +144,28 @@ async def test_tie_goes_to_member_order() -> None:
     first = ScriptedBackend("first", "1", 0.01, log)
     second = ScriptedBackend("second", "2", 0.01, log)
     result = await fuse_of(first, second, lam=0).agenerate("hi")
-    assert result.trace.rounds[0].aggregated["first"] == pytest.approx(result.trace.rounds[0].aggregated["second"])
+    assert result.trace.rounds[0].aggregated["first"] == pytest.approx(
+        result.trace.rounds[0].aggregated["second"]
+    )
     assert result.trace.rounds[0].winner == "first"
+
+
+def test_stop_found_across_segment_boundaries() -> None:
+    from specfuse.engine import _find_stop
+
+    # "Rayl" + "eigh!" : the stop straddles the boundary at index 4
+    assert _find_stop("Rayleigh!", ["leigh"], new_from=4) == 3
+    assert _find_stop("Rayleigh!", ["xyz"], new_from=4) is None
+    # a stop wholly inside older text was handled in an earlier round
+    assert _find_stop("ab--cd", ["--"], new_from=5) is None
+    # the earliest of several stops wins
+    assert _find_stop("one, two. three", [".", ","], new_from=0) == 3
+
+
+def test_stream_holds_back_what_could_become_a_stop() -> None:
+    from specfuse.engine import _pending_stop_prefix
+
+    assert _pending_stop_prefix("Hello\n\nUs", ["\n\nUser:"]) == 4  # "\n\nUs" may grow into the stop
+    assert _pending_stop_prefix("Hello", ["\n\nUser:"]) == 0
+    assert _pending_stop_prefix("abc", []) == 0
+    assert _pending_stop_prefix("x END", ["ENDING", "Q"]) == 3  # the longest growing tail counts

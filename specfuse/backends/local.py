@@ -152,7 +152,10 @@ class LocalBackend(Backend):
     async def info(self) -> BackendInfo:
         loaded = await asyncio.to_thread(self.load)
         tok = loaded.tokenizer
-        bos = tok.bos_token if getattr(tok, "add_bos_token", False) and tok.bos_token else ""
+        # A base model's plain prompt needs the BOS its tokenizer would add (Gemma
+        # degenerates without it); chat templates write their own.
+        adds_bos = tok("x", add_special_tokens=True)["input_ids"][:1] == [tok.bos_token_id]
+        bos = tok.bos_token if tok.bos_token_id is not None and adds_bos else ""
         return BackendInfo(
             model_id=self.model_name,
             context_window=loaded.context_window,

@@ -1,0 +1,7 @@
+"""`python -m specfuse` is the `specfuse` command."""
+
+import sys
+
+from specfuse.cli import main
+
+sys.exit(main())

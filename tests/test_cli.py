@@ -1,0 +1,82 @@
+"""The `specfuse` command, run as a user would: a real subprocess on real models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+MEMBERS = ["-m", "smollm2-135m", "-m", "gemma3-270m"]
+COMMON = ["--max-tokens", "16", "--temperature", "0", "--seed", "3"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "120"}
+    return subprocess.run(
+        [sys.executable, "-m", "specfuse.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def test_generate_streams_answer_and_prints_summary() -> None:
+    proc = run_cli("generate", "Name a colour.", *MEMBERS, *COMMON)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip(), "the fused answer goes to stdout"
+    assert "fusion summary" in proc.stderr
+    for name in ("smollm2-135m", "gemma3-270m"):
+        assert name in proc.stderr
+    assert "rounds" in proc.stderr and "tokens/s" in proc.stderr and "first segment" in proc.stderr
+
+
+def test_generate_json_has_text_and_full_trace() -> None:
+    proc = run_cli("generate", "Name a colour.", *MEMBERS, *COMMON, "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["text"].strip()
+    trace = data["trace"]
+    assert trace["members"] == ["smollm2-135m", "gemma3-270m"]
+    assert "".join(r["accepted_text"] for r in trace["rounds"]) == data["text"]
+    assert trace["summary"]["rounds"] == len(trace["rounds"])
+    assert data["usage"]["output_tokens"] == trace["summary"]["completion_tokens"]
+    first = trace["rounds"][0]
+    assert set(first["probabilities"]) == {"smollm2-135m", "gemma3-270m"}
+
+
+def test_generate_trace_writes_a_self_contained_html_view(tmp_path: Path) -> None:
+    out = tmp_path / "fusion.html"
+    proc = run_cli("generate", "Name a colour.", *MEMBERS, *COMMON, "--trace", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    page = out.read_text(encoding="utf-8")
+    data = json.loads(proc.stdout)
+    assert page.startswith("<!doctype html>")
+    assert "<script src" not in page and "<link" not in page  # nothing fetched from elsewhere
+    assert "Round 1" in page
+    for record in data["trace"]["rounds"]:
+        for cand in record["candidates"]:
+            assert cand["member"] in page
+
+
+def test_bad_member_is_a_clear_error_not_a_traceback() -> None:
+    proc = run_cli("generate", "hi", "-m", "no-such-model")
+    assert proc.returncode == 2
+    assert "unknown local model 'no-such-model'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_config_file_is_used(tmp_path: Path) -> None:
+    config = tmp_path / "ensemble.toml"
+    config.write_text(
+        '[[members]]\nmodel = "smollm2-135m"\nname = "solo"\n\n[fusion]\nmax_tokens = 8\ntemperature = 0\n'
+    )
+    proc = run_cli("generate", "Name a colour.", "--config", str(config), "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["trace"]["members"] == ["solo"]
+    assert data["trace"]["summary"]["completion_tokens"] <= 8
+    # a single drafter continues alone, without verification
+    assert all(r["skipped_verification"] for r in data["trace"]["rounds"])
