@@ -136,7 +136,10 @@ def test_exit_keeps_min_active_and_drops_lowest_first() -> None:
 def test_exit_none_when_quality_is_balanced_or_at_minimum() -> None:
     q = {"a": 1.0, "b": 1.0, "c": 1.0}
     assert scoring.exit_decisions(q, ["a", "b", "c"], temperature=1.0, ratio=0.5, min_active=1) == []
-    assert scoring.exit_decisions({"a": 9.0, "b": 0.0}, ["a", "b"], temperature=1.0, ratio=0.5, min_active=2) == []
+    assert (
+        scoring.exit_decisions({"a": 9.0, "b": 0.0}, ["a", "b"], temperature=1.0, ratio=0.5, min_active=2)
+        == []
+    )
 
 
 def test_exit_temperature_sharpens_decisions() -> None:
