@@ -45,7 +45,13 @@ def make_llm() -> ChatSpecFuse:
 
 
 def main(llm: ChatSpecFuse | None = None, question: str = QUESTION) -> dict[str, Any]:
-    agent = create_agent(llm or make_llm(), tools=[get_weather])
+    agent = create_agent(
+        llm or make_llm(),
+        tools=[get_weather],
+        # Tiny models need to be told when to stop calling tools.
+        system_prompt="Call a tool only to get facts you lack. Once a tool has answered, "
+        "reply to the user in one sentence without calling any tool.",
+    )
     state = agent.invoke({"messages": [HumanMessage(question)]})
     for message in state["messages"]:
         calls = getattr(message, "tool_calls", None)

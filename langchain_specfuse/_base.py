@@ -7,6 +7,7 @@ its results into LangChain metadata.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from typing import Any
 
@@ -26,6 +27,17 @@ from specfuse import (
 #: Fusion settings exposed as first-class fields (the ones LangChain users expect
 #: by name); every other FusionSettings knob goes through `fusion={...}`.
 _TOP_LEVEL_SETTINGS = ("temperature", "max_tokens", "top_p", "seed", "segment_tokens")
+
+
+#: Engines by ensemble, shared by every model object of this process (see `engine`).
+_ENGINES: dict[str, SpecFuse] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _secret_fingerprint(config: EnsembleConfig) -> str:
+    """Tells apart ensembles that differ only by api keys, without keeping the keys in the key."""
+    keys = "|".join(m.api_key.get_secret_value() if m.api_key else "" for m in config.members)
+    return hashlib.sha256(keys.encode()).hexdigest()
 
 
 class SpecFuseParams(BaseModel):
@@ -125,10 +137,20 @@ class SpecFuseParams(BaseModel):
 
     @property
     def engine(self) -> SpecFuse:
-        """The SpecFuse engine, built on first use and reused (models stay loaded)."""
+        """The SpecFuse engine, built on first use and reused (models stay loaded).
+
+        Model objects with the same ensemble share one engine: LangChain code
+        creates many instances (per chain, per test, model_copy), and each new
+        engine would otherwise probe its members and hold its own KV caches.
+        """
         with self._engine_lock:
             if self._engine is None:
-                self._engine = SpecFuse(self.ensemble_config())
+                config = self.ensemble_config()
+                key = config.model_dump_json() + "|" + _secret_fingerprint(config)
+                with _ENGINES_LOCK:
+                    if key not in _ENGINES:
+                        _ENGINES[key] = SpecFuse(config)
+                    self._engine = _ENGINES[key]
             return self._engine
 
     def _member_names(self) -> list[str]:

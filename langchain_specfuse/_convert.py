@@ -188,6 +188,9 @@ def parse_tool_calls(text: str, tool_names: Sequence[str], forced: str | None = 
         except (ValueError, json.JSONDecodeError) as exc:
             invalid.append(invalid_tool_call(name=name, args=raw_text, id=_new_id(), error=str(exc)))
             return
+        # Small models repeat a call verbatim; running the same call twice in one turn never helps.
+        if any(c["name"] == name and c["args"] == args for c in calls):
+            return
         calls.append(tool_call(name=name, args=args, id=_new_id()))
 
     tagged = list(_TAGGED.finditer(text))

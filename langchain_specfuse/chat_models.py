@@ -258,10 +258,15 @@ class ChatSpecFuse(SpecFuseParams, BaseChatModel):
                 core = with_system_instruction(core, instruction)
         if response_format is not None:
             core = with_system_instruction(core, json_instruction(response_format.get("schema")))
+        overrides = self._overrides(stop, kwargs)
+        if tools:
+            # The result of a call comes from the tool; a model that starts writing
+            # one itself (small models mimic the template's <tool_response>) is done.
+            overrides["stop"] = list(dict.fromkeys([*overrides.get("stop", []), "<tool_response>"]))
         return _Request(
             messages=core,
             tools=tools or None,
-            overrides=self._overrides(stop, kwargs),
+            overrides=overrides,
             tool_names=names,
             forced_tool=forced,
             json_output=response_format is not None,

@@ -143,6 +143,13 @@ def test_unparsable_or_unknown_tagged_calls_become_invalid_tool_calls() -> None:
     assert "JSON object" in bad_args.invalid_tool_calls[0]["error"]
 
 
+def test_identical_repeated_calls_are_merged() -> None:
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    other = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+    parsed = parse_tool_calls(call + call + other, ["get_weather"])
+    assert [c["args"]["city"] for c in parsed.tool_calls] == ["Paris", "Rome"]
+
+
 def test_plain_prose_and_non_call_json_are_left_alone() -> None:
     text = 'The config is {"debug": true}.'
     parsed = parse_tool_calls(text, ["get_weather"])
@@ -379,8 +386,11 @@ async def test_abatch(pair_llm: ChatSpecFuse) -> None:
     assert len(results) == 2 and all(r.response_metadata["model_name"] for r in results)
 
 
-def test_engine_is_built_once_and_reused(pair_llm: ChatSpecFuse) -> None:
+def test_engine_is_built_once_and_shared_by_the_same_ensemble(pair_llm: ChatSpecFuse) -> None:
     assert pair_llm.engine is pair_llm.engine
+    # Another object over the same members reuses it (settings are per request, not per engine).
+    assert ChatSpecFuse.local(PAIR, temperature=0.9).engine is pair_llm.engine
+    assert ChatSpecFuse.local(["smollm2-135m"]).engine is not pair_llm.engine
 
 
 def test_completion_model_streams_and_reports_tokens_itself() -> None:

