@@ -260,12 +260,18 @@ class SpecFuseLLM(FunctionCallingLLM):
         content = text
         if result is not None and kwargs.get("tools"):
             parsed = parse_tool_calls(result.text, self._tool_names(kwargs), kwargs.get("forced_tool"))
+            specs = {t["function"]["name"]: t["function"] for t in kwargs["tools"] if "function" in t}
             if parsed.calls:
                 additional["tool_calls"] = [
                     {
                         "id": call.id,
                         "type": "function",
-                        "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+                        "function": {
+                            "name": call.name,
+                            "arguments": json.dumps(
+                                _unwrap_schema_echo(call.arguments, specs.get(call.name))
+                            ),
+                        },
                     }
                     for call in parsed.calls
                 ]
@@ -521,6 +527,19 @@ def _tool_calls_of(message: ChatMessage) -> list[dict[str, Any]]:
                 }
             )
     return calls
+
+
+def _unwrap_schema_echo(arguments: dict[str, Any], spec: dict[str, Any] | None) -> dict[str, Any]:
+    """Undo a small model's habit of nesting its arguments under the schema's "properties" key.
+
+    ``{"properties": {"name": "Lisbon"}}`` is unwrapped only when the tool has no
+    parameter called "properties", so a real argument of that name is kept.
+    """
+    params = ((spec or {}).get("parameters") or {}).get("properties") or {}
+    inner = arguments.get("properties")
+    if set(arguments) == {"properties"} and isinstance(inner, dict) and "properties" not in params:
+        return inner
+    return arguments
 
 
 def _with_system_note(messages: list[dict[str, Any]], note: str) -> list[dict[str, Any]]:
