@@ -135,10 +135,11 @@ def remote_config(protocol: str, servers: list[ServerProcess], **fusion: Any) ->
 def reference_answer() -> Any:
     """The in-process greedy answer with each model tokenised as a server tokenises it.
 
-    Servers add the tokenizer's special tokens (Gemma's <bos>); the local
-    backend adds none and, under transformers 5, reports no BOS text for
-    Gemma, so its plain prompt lacks <bos>. The reference therefore gives the
-    Gemma member PlainFormat(bos="<bos>"): the same token ids the servers see.
+    Servers add the tokenizer's special tokens (Gemma's <bos>) to every input;
+    the local backend adds none and puts the BOS text in the plain prompt
+    instead. The reference spells that out (PlainFormat(bos=...) from what
+    the tokenizer adds), so it stays comparable whatever the local backend
+    reports; test_tgi_vs_embedded_local_ensemble checks EnsembleConfig.local too.
     """
     import asyncio
 

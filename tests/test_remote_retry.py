@@ -130,3 +130,29 @@ def test_failing_replica_is_skipped_for_a_cooldown(fault_pair):  # noqa: F811
     assert asyncio.run(many()) == [1] * 6
     assert len(bad.fault.seen) == 1  # hit once, then cooling down
     assert len(good.fault.seen) == 6
+
+
+def test_serve_registers_its_subcommand():
+    import argparse
+
+    from specfuse import serve
+
+    parser = argparse.ArgumentParser(prog="specfuse")
+    serve.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        [
+            "serve",
+            "smollm2-135m",
+            "--protocol",
+            "sglang",
+            "--port",
+            "9",
+            "--api-key",
+            "k",
+            "--max-concurrent-requests",
+            "2",
+        ]
+    )
+    assert (args.model, args.protocol, args.host, args.port) == ("smollm2-135m", "sglang", "127.0.0.1", 9)
+    assert args.api_key == "k" and args.max_concurrent_requests == 2 and args.func is serve.run
+    assert not args.enable_prefill_logprobs
