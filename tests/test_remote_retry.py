@@ -156,3 +156,18 @@ def test_serve_registers_its_subcommand():
     assert (args.model, args.protocol, args.host, args.port) == ("smollm2-135m", "sglang", "127.0.0.1", 9)
     assert args.api_key == "k" and args.max_concurrent_requests == 2 and args.func is serve.run
     assert not args.enable_prefill_logprobs
+
+
+def test_score_retries_and_reports_attempts(fault_server):  # noqa: F811
+    prefill = [
+        {"id": 1, "text": "ab", "logprob": None},
+        {"id": 2, "text": "c", "logprob": -1.5},
+        {"id": 3, "text": "d", "logprob": -0.5},
+    ]
+    fault_server.script(
+        (503, {"error": "waking", "error_type": "unhealthy"}),
+        (200, [{**GEN_OK, "details": {**GEN_OK["details"], "prefill": prefill}}]),
+    )
+    b = backend("tgi", fault_server.url)
+    scores, attempts = asyncio.run(attempts_of(b.score("ab", ["cd"])))
+    assert scores[0].token_logprobs == (-1.5, -0.5) and attempts == 2

@@ -17,6 +17,7 @@ from specfuse.backends._http import (
     ReplicaPool,
     RetryPolicy,
     covering_count,
+    last_attempts,
     public_url,
     token_for,
     with_retries,
@@ -75,6 +76,21 @@ class RemoteBackend(Backend):
 
     async def aclose(self) -> None:
         await self.clients.aclose()
+
+    async def gather_calls(self, calls: Sequence[Awaitable[T]]) -> list[T]:
+        """Run calls concurrently; `last_attempts` then holds the most attempts any one needed.
+
+        (Each gathered call runs in its own task, whose context changes the
+        caller would not see.)
+        """
+
+        async def one(call: Awaitable[T]) -> tuple[T, int]:
+            result = await call
+            return result, last_attempts.get()
+
+        pairs = await asyncio.gather(*(one(c) for c in calls))
+        last_attempts.set(max((n for _, n in pairs), default=1))
+        return [r for r, _ in pairs]
 
     # -- prompts ----------------------------------------------------------------------
 

@@ -115,7 +115,7 @@ class SGLangBackend(RemoteBackend):
 
     async def score(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
         start = max(0, await self._count_context(context) - _MARGIN)
-        return list(await asyncio.gather(*(self._score_one(context, c, start) for c in candidates)))
+        return await self.gather_calls([self._score_one(context, c, start) for c in candidates])
 
     async def _score_one(self, context: str, candidate: str, start: int) -> CandidateScore:
         full = context + candidate

@@ -138,7 +138,7 @@ class TGIBackend(RemoteBackend):
         )
 
     async def score(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
-        return list(await asyncio.gather(*(self._score_one(context, c) for c in candidates)))
+        return await self.gather_calls([self._score_one(context, c) for c in candidates])
 
     async def _score_one(self, context: str, candidate: str) -> CandidateScore:
         full = context + candidate
