@@ -4,8 +4,7 @@ Run: .venv/bin/python examples/langchain_agent.py
 
 The ensemble: qwen2.5-coder-0.5b, whose chat template knows tools, drafts and
 verifies; smollm2-135m drafts too. The tool call the fusion writes is parsed
-into AIMessage.tool_calls, the agent runs the tool, and the model answers
-from its result.
+into AIMessage.tool_calls and the agent runs the tool.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from langchain.agents import create_agent
+from langchain.agents.middleware import ToolCallLimitMiddleware
 from langchain_core.messages import HumanMessage
 from langchain_core.tools import tool
 
@@ -48,9 +48,10 @@ def main(llm: ChatSpecFuse | None = None, question: str = QUESTION) -> dict[str,
     agent = create_agent(
         llm or make_llm(),
         tools=[get_weather],
-        # Tiny models need to be told when to stop calling tools.
-        system_prompt="Call a tool only to get facts you lack. Once a tool has answered, "
-        "reply to the user in one sentence without calling any tool.",
+        # qwen2.5-coder-0.5b tends to call the tool again after reading its result
+        # instead of answering; one call per run ends that loop (the middleware then
+        # closes the run with its own message).
+        middleware=[ToolCallLimitMiddleware(run_limit=1, exit_behavior="end")],
     )
     state = agent.invoke({"messages": [HumanMessage(question)]})
     for message in state["messages"]:

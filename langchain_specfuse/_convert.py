@@ -260,6 +260,9 @@ def extract_json(text: str) -> str:
     return text
 
 
+_PLACEHOLDERS: dict[str, Any] = {"integer": 1, "number": 1.0, "boolean": True, "array": [], "object": {}}
+
+
 def tool_choice_instruction(tool_choice: str | None, tools: Sequence[dict[str, Any]]) -> str | None:
     """The system instruction that enforces tool_choice through the prompt.
 
@@ -276,10 +279,11 @@ def tool_choice_instruction(tool_choice: str | None, tools: Sequence[dict[str, A
     examples = []
     for spec in chosen:
         params = (spec["function"].get("parameters") or {}).get("properties") or {}
-        args = ", ".join(f'"{p}": <{p}>' for p in params)
-        examples.append(
-            f'<tool_call>{{"name": "{spec["function"]["name"]}", "arguments": {{{args}}}}}</tool_call>'
-        )
+        # Placeholders are valid JSON of the right type: a model that copies the
+        # example verbatim (tiny ones do) still makes a well-formed call.
+        args = {p: _PLACEHOLDERS.get(str((schema or {}).get("type")), "...") for p, schema in params.items()}
+        call = {"name": spec["function"]["name"], "arguments": args}
+        examples.append(f"<tool_call>{json.dumps(call, ensure_ascii=False)}</tool_call>")
     which = "the tool" if len(chosen) == 1 else "one of the tools"
     return f"You must answer by calling {which} now, with nothing else, in this form:\n" + "\n".join(examples)
 

@@ -175,7 +175,15 @@ def test_tool_choice_instruction_shows_the_call_shape() -> None:
     only_b = tool_choice_instruction("b", tools)
     assert only_b is not None and '"name": "b"' in only_b and '"name": "a"' not in only_b
     anyone = tool_choice_instruction("any", tools)
-    assert anyone is not None and '{"x": <x>}' in anyone and "one of the tools" in anyone
+    assert anyone is not None and '{"x": "..."}' in anyone and "one of the tools" in anyone
+    typed = [
+        {
+            "type": "function",
+            "function": {"name": "f", "parameters": {"properties": {"n": {"type": "integer"}}}},
+        }
+    ]
+    shown = tool_choice_instruction("f", typed)
+    assert shown is not None and '<tool_call>{"name": "f", "arguments": {"n": 1}}</tool_call>' in shown
 
 
 def test_extract_json_unwraps_fences_and_prose() -> None:

@@ -38,15 +38,14 @@ def test_rag_example_retrieves_the_right_document_and_answers_from_it() -> None:
     assert "june" in out["answer"].lower()
 
 
-def test_agent_example_calls_the_tool_and_answers_from_its_result() -> None:
+def test_agent_example_calls_the_tool() -> None:
     example = _load("langchain_agent")
     example.CALLS.clear()
     state = example.main()
     messages = state["messages"]
-    # The tool really ran, and only ever for Paris.
-    assert example.CALLS and all(c.lower() == "paris" for c in example.CALLS)
+    # The tool really ran, once (the example's limit), for Paris.
+    assert [c.lower() for c in example.CALLS] == ["paris"]
     calls = [m for m in messages if isinstance(m, AIMessage) and m.tool_calls]
     assert calls[0].tool_calls[0]["name"] == "get_weather"
     results = [m for m in messages if isinstance(m, ToolMessage)]
     assert results and "sunny" in results[0].text
-    assert isinstance(messages[-1], AIMessage) and messages[-1].text.strip()
