@@ -177,6 +177,34 @@ def test_unicode_candidates_score_on_the_same_tokens(tgi, model_index):
         assert g.mean == pytest.approx(w.mean, abs=1e-3), c
 
 
+def test_server_chat_template_matches_the_local_one(tgi):
+    """template='server' renders through POST /chat_tokenize; a base model falls back to plain."""
+    from specfuse.backends import create_backend
+    from specfuse.backends.local import LocalBackend
+    from specfuse.config import MemberConfig
+    from specfuse.prompts import ChatFormat
+
+    chat, base = (
+        create_backend(MemberConfig(model=s.model, backend="tgi", urls=[s.url], template="server"))
+        for s in tgi
+    )
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 😀"}]
+
+    async def run():
+        fmt = await ChatFormat.probe(chat)
+        return (
+            await chat.render_chat(messages),
+            await LocalBackend("smollm2-135m").render_chat(messages),
+            fmt.end_of_turn,
+            await ChatFormat.probe(base),
+        )
+
+    remote, local, end_of_turn, base_format = asyncio.run(run())
+    assert remote == local
+    assert end_of_turn == "<|im_end|>"
+    assert base_format is None
+
+
 def test_tgi_without_prefill_logprobs_says_how_to_fix(server_pool):  # noqa: F811
     servers = server_pool.get("tgi", ("smollm2-135m",), ())
     fuse = SpecFuse(remote_config("tgi", servers))
