@@ -36,7 +36,7 @@ class ChatTurn:
 
 
 def make_llm() -> SpecFuseLLM:
-    return SpecFuseLLM.local(CHAT_MODELS, temperature=0.0, max_tokens=32, seed=7)
+    return SpecFuseLLM.local(CHAT_MODELS, temperature=0.0, max_tokens=24, seed=7)
 
 
 def main(llm: SpecFuseLLM | None = None) -> list[ChatTurn]:
