@@ -69,6 +69,7 @@ def main() -> None:
         for cached in (True, False):
             times = run(args.models, cached, prompt, args.rounds, args.segment_tokens)
             rows[(size, cached)] = (count(prompt), statistics.mean(times), len(times))
+            print(f"~{size} tokens, cache {'on' if cached else 'off'}: {rows[(size, cached)][1]:.3f} s/round")
 
     table = Table(title=f"seconds per round, members: {', '.join(args.models)}")
     for col in ("context tokens", "cache", "rounds timed", "s/round", "growth vs smallest context"):

@@ -29,7 +29,7 @@ from typing import Any
 
 from specfuse import scoring
 from specfuse._sync import LoopThread
-from specfuse.backends.base import Backend, BackendInfo, Draft, Sampling
+from specfuse.backends.base import Backend, BackendInfo, Draft, Sampling, call_attempts
 from specfuse.config import EnsembleConfig, FusionSettings, MemberConfig
 from specfuse.errors import (
     AllMembersFailedError,
@@ -496,13 +496,25 @@ class SpecFuse:
                 )
             except (SpecfuseError, OSError, TimeoutError) as exc:
                 record.calls.append(
-                    CallRecord(drafter.name, "draft", time.perf_counter() - t0, error=_describe(exc))
+                    CallRecord(
+                        drafter.name,
+                        "draft",
+                        time.perf_counter() - t0,
+                        attempts=call_attempts.get(),
+                        error=_describe(exc),
+                    )
                 )
                 return
             finally:
                 own_draft_done[drafter.name].set()
             record.calls.append(
-                CallRecord(drafter.name, "draft", time.perf_counter() - t0, tokens=draft.token_count)
+                CallRecord(
+                    drafter.name,
+                    "draft",
+                    time.perf_counter() - t0,
+                    attempts=call_attempts.get(),
+                    tokens=draft.token_count,
+                )
             )
             drafts[drafter.name] = draft
             waits = []
@@ -593,7 +605,13 @@ class _ScoreLane:
             results = await self.member.backend.score(self.context, texts)
         except (SpecfuseError, OSError, TimeoutError) as exc:
             self.record.calls.append(
-                CallRecord(self.member.name, "score", time.perf_counter() - t0, error=_describe(exc))
+                CallRecord(
+                    self.member.name,
+                    "score",
+                    time.perf_counter() - t0,
+                    attempts=call_attempts.get(),
+                    error=_describe(exc),
+                )
             )
             for _, future in batch:
                 if not future.done():
@@ -601,7 +619,13 @@ class _ScoreLane:
             return
         tokens = sum(len(r.token_logprobs) for r in results)
         self.record.calls.append(
-            CallRecord(self.member.name, "score", time.perf_counter() - t0, tokens=tokens)
+            CallRecord(
+                self.member.name,
+                "score",
+                time.perf_counter() - t0,
+                attempts=call_attempts.get(),
+                tokens=tokens,
+            )
         )
         by_text = {t: r.mean for t, r in zip(texts, results, strict=True)}
         for text, future in batch:

@@ -107,6 +107,13 @@ class ChatFormat:
         rendered = await self.backend.render_chat(messages, tools, add_generation_prompt=True)
         if rendered is None:  # the backend lost its template between calls: a bug, not user input
             raise RuntimeError(f"{self.backend.endpoint} stopped providing a chat template")
+        if tools and not any(_tool_name(t) in rendered for t in tools):
+            # Some templates (SmolLM2's) silently drop `tools`: tell the model in
+            # a system message instead, so every member sees the same tools.
+            rendered = await self.backend.render_chat(
+                with_system_note(messages, tools_instruction(tools)), None, add_generation_prompt=True
+            )
+            assert rendered is not None
         return rendered
 
 
@@ -144,6 +151,21 @@ class PlainFormat:
         for message in messages:
             lines.append(f"{self._ROLE_NAMES[message['role']]}: {message_text(message).strip()}")
         return self.bos + "\n".join(lines) + "\nAssistant:"
+
+
+def _tool_name(tool: dict[str, Any]) -> str:
+    function = tool.get("function", tool)
+    return str(function.get("name", ""))
+
+
+def with_system_note(messages: Sequence[Message], note: str) -> list[Message]:
+    """messages with note added to the system message (one is created if needed)."""
+    out = [dict(m) for m in messages]
+    if out and out[0].get("role") == "system":
+        out[0]["content"] = f"{message_text(out[0])}\n\n{note}".strip()
+    else:
+        out.insert(0, {"role": "system", "content": note})
+    return out
 
 
 def tools_instruction(tools: Sequence[dict[str, Any]]) -> str:

@@ -8,7 +8,6 @@ failing server is retried, and what an error message says.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import email.utils
 import os
 import random
@@ -27,6 +26,7 @@ from tenacity import (
     stop_before_delay,
 )
 
+from specfuse.backends.base import call_attempts
 from specfuse.errors import BackendError, CapabilityError, ContextWindowError
 
 T = TypeVar("T")
@@ -35,8 +35,7 @@ T = TypeVar("T")
 HF_HOST_SUFFIXES = (".huggingface.co", ".hf.space", ".endpoints.huggingface.cloud")
 HF_HOSTS = ("huggingface.co", "endpoints.huggingface.cloud")
 
-#: Attempts the most recent call of the current task needed (for the trace's CallRecord.attempts).
-last_attempts: contextvars.ContextVar[int] = contextvars.ContextVar("specfuse_last_attempts", default=1)
+last_attempts = call_attempts  # shared with the engine, which records it in the trace
 
 
 # -- errors -------------------------------------------------------------------

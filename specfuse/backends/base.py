@@ -11,12 +11,18 @@ to a loop, such as an HTTP client, is created lazily per running loop.
 
 from __future__ import annotations
 
+import contextvars
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 FinishReason = Literal["length", "eos", "stop"]
+
+#: How many attempts the backend call that just returned in this task needed
+#: (retries included). Backends that retry set it; the engine copies it into
+#: the trace. A context variable, so concurrent calls never see each other's.
+call_attempts: contextvars.ContextVar[int] = contextvars.ContextVar("specfuse_call_attempts", default=1)
 
 
 @dataclass(frozen=True)
