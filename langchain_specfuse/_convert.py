@@ -155,6 +155,10 @@ def _as_call(obj: Any, tool_names: Sequence[str], forced: str | None) -> tuple[s
         return name, {k: v for k, v in obj.items() if k != "name"}
     if forced is not None and name is None:
         return forced, obj
+    if forced is not None and isinstance(obj.get("arguments"), dict):
+        # The caller required this one tool; a call-shaped object under another
+        # name (small models put a "name" argument there) carries its arguments.
+        return forced, obj["arguments"]
     return None
 
 

@@ -160,6 +160,12 @@ def test_forced_tool_takes_a_bare_argument_object_only_when_it_is_the_whole_answ
     assert parse_tool_calls('{"city": "Lima"}', ["get_weather"], forced="get_weather").tool_calls[0][
         "args"
     ] == {"city": "Lima"}
+    # A misnamed call of the forced tool (the model wrote the "name" argument there).
+    misnamed = parse_tool_calls(
+        '{"name": "Ada", "arguments": {"name": "Ada", "age": 36}}', ["Person"], "Person"
+    )
+    assert [(c["name"], c["args"]) for c in misnamed.tool_calls] == [("Person", {"name": "Ada", "age": 36})]
+    assert parse_tool_calls('{"name": "Ada", "arguments": {"age": 36}}', ["Person"]).tool_calls == []
     # Nested objects of a truncated call are not arguments.
     cut = '{"name": "get_weather", "arguments": {"city": {"type": "string"}'
     assert parse_tool_calls(cut, ["get_weather"], forced="get_weather").tool_calls == []
@@ -445,8 +451,11 @@ def test_tool_history_round_trips_into_the_members_template(tool_llm: ChatSpecFu
     prompt = asyncio.run(qwen.format.render(to_core_messages(history), tools))
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
     assert "<tool_response>\nsunny in Paris\n</tool_response>" in prompt
+    # The 0.5B model often calls the tool again instead of answering; either way
+    # the fused reply must come back parsed (a call or prose), never raw markup.
     answer = tool_llm.bind_tools([get_weather]).invoke(history)
-    assert isinstance(answer, AIMessage) and answer.content
+    assert answer.tool_calls or answer.content
+    assert "<tool_call>" not in str(answer.content)
 
 
 def test_structured_output_methods(tool_llm: ChatSpecFuse) -> None:
