@@ -51,7 +51,6 @@ class TestChatSpecFuseUnit(ChatModelUnitTests):
     def init_from_env_params(self) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
         return {"SPECFUSE_API_KEY": "sk-env-test"}, {"members": MEMBERS}, {"api_key": "sk-env-test"}
 
-
     # Not a model limitation: langchain-core 1.8's load(allowed_objects="all") admits only
     # the classes listed in its own serialization mapping, so no third-party class can
     # round-trip here. The same logic (dumpd without secrets, load back to equal settings)
