@@ -118,6 +118,8 @@ class _Request:
     tokens_used: int = 0
     max_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
+    #: Consecutive rounds in which every call of a member failed (issue 7, reliability).
+    failures: dict[str, int] = field(default_factory=dict)
 
 
 class SpecFuse:
@@ -454,10 +456,38 @@ class SpecFuse:
                 min_active=min(min_active, len(active_drafters)),
             )
             request.active = [m for m in request.active if m.name not in record.exits]
+        self._drop_failing(request, record)
 
         record.wall_time = time.perf_counter() - started
         request.trace.rounds.append(record)
         return record
+
+    @staticmethod
+    def _drop_failing(request: _Request, record: RoundRecord) -> None:
+        """Leave out, for the rest of the response, a member that failed every call of
+        _DROP_AFTER_FAILED_ROUNDS rounds in a row (issue 7, reliability).
+
+        Without this a dead or hanging member is called again every round and costs
+        each round its whole retry budget or `round_deadline`. The drop is recorded
+        as an exit in the trace (the round's CallRecords say why); at least one
+        drafter always stays, so an ensemble that is all down still raises
+        AllMembersFailedError.
+        """
+        called: dict[str, list[bool]] = {}
+        for call in record.calls:
+            called.setdefault(call.member, []).append(call.error is not None)
+        for m in request.active:
+            failed = called.get(m.name)
+            if failed is None:
+                continue
+            request.failures[m.name] = request.failures.get(m.name, 0) + 1 if all(failed) else 0
+        for m in list(request.active):
+            if request.failures.get(m.name, 0) < _DROP_AFTER_FAILED_ROUNDS:
+                continue
+            if m.drafts and sum(1 for o in request.active if o.drafts) <= 1:
+                continue
+            request.active.remove(m)
+            record.exits.append(m.name)
 
     async def _draft_and_verify(
         self,
@@ -542,6 +572,11 @@ class SpecFuse:
                 task.cancel()
             for lane in lanes.values():
                 lane.close()
+            if pending:
+                # round_deadline passed: a verifier's call in flight is cut too, or the
+                # round would wait for it (up to its timeout and retries) after all (issue 7).
+                for task in lane_tasks:
+                    task.cancel()
             await asyncio.gather(*lane_tasks, *pending, return_exceptions=True)
             for task in done:
                 task.result()  # surface programming errors, not backend failures
@@ -556,6 +591,10 @@ class SpecFuse:
             )
         scored = {v: {c: s for c, s in row.items() if c in drafts} for v, row in scores.items()}
         return drafts, {v: row for v, row in scored.items() if row}
+
+
+#: A member whose every call failed this many rounds in a row sits out the rest of a response.
+_DROP_AFTER_FAILED_ROUNDS = 2
 
 
 class _ScoreLane:

@@ -84,13 +84,21 @@ class RemoteBackend(Backend):
         caller would not see.)
         """
 
-        async def one(call: Awaitable[T]) -> tuple[T, int]:
-            result = await call
-            return result, last_attempts.get()
+        async def one(call: Awaitable[T]) -> tuple[T | Exception, int]:
+            # Failures too carry their attempt count out of the task (issue 7: a score
+            # call that failed after 3 attempts was recorded with attempts=1); and
+            # every call is awaited, so none is left running after a sibling failed.
+            try:
+                return await call, last_attempts.get()
+            except Exception as exc:
+                return exc, last_attempts.get()
 
         pairs = await asyncio.gather(*(one(c) for c in calls))
         last_attempts.set(max((n for _, n in pairs), default=1))
-        return [r for r, _ in pairs]
+        for result, _ in pairs:
+            if isinstance(result, Exception):
+                raise result
+        return [r for r, _ in pairs]  # type: ignore[misc]
 
     # -- prompts ----------------------------------------------------------------------
 

@@ -1,0 +1,82 @@
+"""Shared fixtures of the reliability tests (issue 7).
+
+One real `specfuse serve` (smollm2-135m, TGI protocol, prefill log-probs on)
+sits behind two fault-injecting proxies; the ensemble has two members, `a`
+and `b`, one per proxy. Both members are the same small model because this
+machine has two shared cores: a fault on `b`'s proxy then changes nothing but
+`b`, and each round stays cheap. Everything is session-scoped so the server
+starts, and the members are probed, once for all reliability test modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from specfuse import EnsembleConfig, SpecFuse
+from specfuse.backends._http import RetryPolicy
+from tests.fault_proxy import FaultProxy
+from tests.remote_fixtures import ServerProcess, server_pool  # noqa: F401  (fixture)
+
+T = TypeVar("T")
+
+MODEL = "smollm2-135m"
+SERVE_ARGS = ("--enable-prefill-logprobs",)
+PROMPT = "Name three primary colours."
+#: Fast retries so that a failing member costs seconds, not the default 30 s budget.
+FAST_RETRY = RetryPolicy(max_attempts=3, initial=0.05, maximum=0.2, deadline=10.0)
+#: One short round per request unless a test asks for more.
+SHORT = {"max_tokens": 3, "segment_tokens": 3}
+
+
+def run(coro: Coroutine[Any, Any, T], limit: float) -> T:
+    """Run coro on a fresh loop, failing (not hanging) if it takes more than `limit` seconds."""
+    return asyncio.run(asyncio.wait_for(coro, limit))
+
+
+@pytest.fixture(scope="session")
+def upstream(server_pool: Any) -> ServerProcess:  # noqa: F811
+    return server_pool.get("tgi", (MODEL,), SERVE_ARGS)[0]
+
+
+@pytest.fixture(scope="session")
+def proxies(upstream: ServerProcess) -> Iterator[tuple[FaultProxy, FaultProxy]]:
+    a, b = FaultProxy(upstream.url).start(), FaultProxy(upstream.url).start()
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def make_fuse(proxies: tuple[FaultProxy, FaultProxy], timeout: float = 20.0, **fusion: Any) -> SpecFuse:
+    """Members a and b over the two proxies, greedy, with fast retries."""
+    members = [
+        {"model": MODEL, "name": name, "backend": "tgi", "urls": [p.url], "timeout": timeout}
+        for name, p in zip("ab", proxies, strict=True)
+    ]
+    fuse = SpecFuse(EnsembleConfig.build(members, **{"temperature": 0.0, "seed": 7, **fusion}))
+    for backend in fuse._backends.values():
+        backend.retry = FAST_RETRY  # type: ignore[attr-defined]
+    return fuse
+
+
+@pytest.fixture(scope="session")
+def fuse(proxies: tuple[FaultProxy, FaultProxy]) -> Iterator[SpecFuse]:
+    for p in proxies:
+        p.set_rules()
+    model = make_fuse(proxies)
+    run(model.astart(), 120)
+    yield model
+    model.close()
+
+
+@pytest.fixture(autouse=False)
+def clean(proxies: tuple[FaultProxy, FaultProxy]) -> Iterator[tuple[FaultProxy, FaultProxy]]:
+    """Healthy proxies before and after a test."""
+    for p in proxies:
+        p.set_rules()
+    yield proxies
+    for p in proxies:
+        p.set_rules()
