@@ -19,9 +19,12 @@ import pytest
 from specfuse import EnsembleConfig, SpecFuse
 from specfuse.backends._http import RetryPolicy
 from tests.fault_proxy import FaultProxy
-from tests.remote_fixtures import ServerProcess, server_pool  # noqa: F401  (fixture)
+from tests.remote_fixtures import ServerProcess, server_pool
 
 T = TypeVar("T")
+
+#: The fixtures; test modules star-import them (pytest finds fixtures by module name).
+__all__ = ["clean", "fuse", "proxies", "server_pool", "upstream"]
 
 MODEL = "smollm2-135m"
 SERVE_ARGS = ("--enable-prefill-logprobs",)
@@ -38,7 +41,7 @@ def run(coro: Coroutine[Any, Any, T], limit: float) -> T:
 
 
 @pytest.fixture(scope="session")
-def upstream(server_pool: Any) -> ServerProcess:  # noqa: F811
+def upstream(server_pool: Any) -> ServerProcess:
     return server_pool.get("tgi", (MODEL,), SERVE_ARGS)[0]
 
 

@@ -19,16 +19,8 @@ from specfuse import SpecFuse
 from specfuse.errors import AllMembersFailedError
 from specfuse.trace import CallRecord, FusionTrace
 from tests.fault_proxy import FaultProxy, Rule
-from tests.reliability_fixtures import (  # noqa: F401  (fixtures)
-    PROMPT,
-    SHORT,
-    clean,
-    fuse,
-    proxies,
-    run,
-    server_pool,
-    upstream,
-)
+from tests.reliability_fixtures import *  # noqa: F403  (the fixtures)
+from tests.reliability_fixtures import PROMPT, SHORT, run
 
 
 def calls_of(trace: FusionTrace, member: str) -> list[CallRecord]:
@@ -52,7 +44,7 @@ def calls_of(trace: FusionTrace, member: str) -> list[CallRecord]:
 def test_overload_and_waking_are_retried_until_they_succeed(
     fuse: SpecFuse,
     clean: tuple[FaultProxy, FaultProxy],
-    rule: Rule,  # noqa: F811
+    rule: Rule,
 ) -> None:
     _, b = clean
     b.set_rules(rule)
@@ -90,7 +82,7 @@ def test_a_failing_member_is_recorded_and_the_ensemble_continues(
     fuse: SpecFuse,
     clean: tuple[FaultProxy, FaultProxy],
     rule: Rule,
-    retried: bool,  # noqa: F811
+    retried: bool,
 ) -> None:
     _, b = clean
     b.set_rules(rule)
@@ -108,7 +100,7 @@ def test_a_failing_member_is_recorded_and_the_ensemble_continues(
 
 def test_a_slow_member_within_the_deadline_is_waited_for(
     fuse: SpecFuse,
-    clean: tuple[FaultProxy, FaultProxy],  # noqa: F811
+    clean: tuple[FaultProxy, FaultProxy],
 ) -> None:
     _, b = clean
     b.set_rules(Rule("slow", delay=0.5))
@@ -119,7 +111,7 @@ def test_a_slow_member_within_the_deadline_is_waited_for(
 
 def test_a_straggler_is_left_out_at_the_round_deadline_and_then_dropped(
     fuse: SpecFuse,
-    clean: tuple[FaultProxy, FaultProxy],  # noqa: F811
+    clean: tuple[FaultProxy, FaultProxy],
 ) -> None:
     """b hangs: each round ends at round_deadline without it; after two such rounds it is not called again."""
     a, b = clean
@@ -150,7 +142,7 @@ def test_a_straggler_is_left_out_at_the_round_deadline_and_then_dropped(
 
 def test_a_hanging_member_without_round_deadline_times_out(
     fuse: SpecFuse,
-    clean: tuple[FaultProxy, FaultProxy],  # noqa: F811
+    clean: tuple[FaultProxy, FaultProxy],
 ) -> None:
     """No round_deadline: b's per-call timeout (1.5 s) and the retry budget bound the round."""
     _, b = clean
@@ -172,7 +164,7 @@ def test_a_hanging_member_without_round_deadline_times_out(
 
 def test_all_members_down_is_one_clear_error(
     fuse: SpecFuse,
-    clean: tuple[FaultProxy, FaultProxy],  # noqa: F811
+    clean: tuple[FaultProxy, FaultProxy],
 ) -> None:
     a, b = clean
     a.set_rules(Rule("status", status=503, body={"error": "down", "error_type": "unhealthy"}))
