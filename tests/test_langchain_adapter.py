@@ -150,6 +150,37 @@ def test_identical_repeated_calls_are_merged() -> None:
     assert [c["args"]["city"] for c in parsed.tool_calls] == ["Paris", "Rome"]
 
 
+def test_no_argument_calls_parse_to_empty_args() -> None:
+    for text in (
+        '<tool_call>{"name": "ping", "arguments": {}}</tool_call>',
+        '<tool_call>{"name": "ping"}</tool_call>',
+        '{"name": "ping", "arguments": "{}"}',
+    ):
+        parsed = parse_tool_calls(text, ["ping"], forced="ping")
+        assert [(c["name"], c["args"]) for c in parsed.tool_calls] == [("ping", {})], text
+
+
+def test_unicode_arguments_survive_parsing_and_streaming() -> None:
+    text = '<tool_call>{"name": "unicode_customer", "arguments": {"customer_name": "你好啊集团"}}</tool_call>'
+    call = parse_tool_calls(text, ["unicode_customer"]).tool_calls[0]
+    assert call["args"] == {"customer_name": "你好啊集团"}
+    # The last streamed chunk carries the call as a tool_call_chunk, as ChatSpecFuse._chunk builds it.
+    chunk = AIMessageChunk(
+        content="",
+        tool_call_chunks=[
+            {
+                "name": call["name"],
+                "args": json.dumps(call["args"], ensure_ascii=False),
+                "id": call["id"],
+                "index": 0,
+                "type": "tool_call_chunk",
+            }
+        ],
+    )
+    full = AIMessageChunk(content="こんにちは") + chunk
+    assert full.tool_calls[0]["args"] == {"customer_name": "你好啊集团"}
+
+
 def test_plain_prose_and_non_call_json_are_left_alone() -> None:
     text = 'The config is {"debug": true}.'
     parsed = parse_tool_calls(text, ["get_weather"])
