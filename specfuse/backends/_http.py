@@ -347,7 +347,14 @@ def covering_count(full_text: str, context_length: int, token_texts: Sequence[st
             j -= 1
         run = i - j
         anchor = (token_texts[j] or "").encode("utf-8") if j >= 0 else b""
-        start = _run_start(data, pos, run, anchor)
+        # A partial token may also hold whole characters (" \ufffd" is a space and a
+        # lead byte): the run is at least those bytes plus one per U+FFFD (issue 7).
+        least = sum(
+            len(t.replace("\ufffd", "").encode("utf-8")) + t.count("\ufffd")
+            for t in (token_texts[k] or "" for k in range(j + 1, i + 1))
+        )
+        head = (token_texts[j + 1] or "").split("\ufffd", 1)[0].encode("utf-8")
+        start = _run_start(data, pos, max(run, least), anchor, head)
         if boundary <= start:
             count += run
         else:
@@ -358,14 +365,17 @@ def covering_count(full_text: str, context_length: int, token_texts: Sequence[st
     return count
 
 
-def _run_start(data: bytes, end: int, run: int, anchor: bytes) -> int:
-    """Byte where a run of `run` partial tokens ending at `end` starts (after `anchor`)."""
-    lowest = max(0, end - 8 * run - 8)
-    for start in range(end - run, lowest - 1, -1):
+def _run_start(data: bytes, end: int, least: int, anchor: bytes, head: bytes = b"") -> int:
+    """Where a run of partial tokens (at least `least` bytes) ending at `end` starts, after `anchor`.
+
+    `head` is the whole-character text the run's first token starts with, if any.
+    """
+    lowest = max(0, end - 8 * least - 8)
+    for start in range(end - least, lowest - 1, -1):
         if start < 0:
             break
-        if (start == len(data) or (data[start] & 0xC0) != 0x80) and (
+        if (start == len(data) or (data[start] & 0xC0) != 0x80) and data.startswith(head, start) and (
             not anchor or data[:start].endswith(anchor) or data[:start].endswith(anchor.lstrip(b" "))
         ):
             return start
-    return max(0, end - run * 4)
+    return max(0, end - least * 4)
