@@ -75,7 +75,7 @@ def main() -> None:
     for col in ("context tokens", "cache", "rounds timed", "s/round", "growth vs smallest context"):
         table.add_column(col, justify="right")
     smallest = min(args.sizes)
-    for (size, cached), (tokens, mean, n) in rows.items():
+    for (_size, cached), (tokens, mean, n) in rows.items():
         growth = mean / rows[(smallest, cached)][1]
         table.add_row(str(tokens), "on" if cached else "off", str(n), f"{mean:.3f}", f"{growth:.2f}x")
     Console().print(table)

@@ -121,9 +121,10 @@ class ChatFormat:
 class PlainFormat:
     """A completion template for base models: `Role: text` turns, then `Assistant:`.
 
-    A base model ends its turn by starting the next one, so "\\nUser:" is a stop
-    sequence, and the end-of-turn string scored after a finished candidate is
-    the model's end-of-sequence token text (or that stop when it has none).
+    A base model ends its turn by starting the next one, so "\\nUser:" (or any
+    other turn marker) is a stop sequence, and the end-of-turn string scored
+    after a finished candidate is the model's end-of-sequence token text (or
+    "\\nUser:" when it has none).
     """
 
     bos: str = ""
@@ -138,7 +139,9 @@ class PlainFormat:
 
     @property
     def stops(self) -> tuple[str, ...]:
-        return ("\nUser:",)
+        # Any new turn marker ends the answer: base models like to open another
+        # "Assistant:" turn right away, which would otherwise repeat forever.
+        return ("\nUser:", "\nAssistant:", "\nSystem:")
 
     @property
     def end_of_turn(self) -> str:
