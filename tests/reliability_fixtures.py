@@ -19,12 +19,12 @@ import pytest
 from specfuse import EnsembleConfig, SpecFuse
 from specfuse.backends._http import RetryPolicy
 from tests.fault_proxy import FaultProxy
-from tests.remote_fixtures import ServerProcess, server_pool
+from tests.remote_fixtures import ServerProcess
 
 T = TypeVar("T")
 
 #: The fixtures; test modules star-import them (pytest finds fixtures by module name).
-__all__ = ["clean", "fuse", "proxies", "server_pool", "upstream"]
+__all__ = ["clean", "fuse", "proxies", "upstream"]
 
 MODEL = "smollm2-135m"
 SERVE_ARGS = ("--enable-prefill-logprobs",)
@@ -40,17 +40,30 @@ def run(coro: Coroutine[Any, Any, T], limit: float) -> T:
     return asyncio.run(asyncio.wait_for(coro, limit))
 
 
-@pytest.fixture(scope="session")
-def upstream(server_pool: Any) -> ServerProcess:
-    return server_pool.get("tgi", (MODEL,), SERVE_ARGS)[0]
+#: One server, two proxies and one probed ensemble for every reliability module.
+#: Each test module star-imports these fixtures, which makes pytest see one
+#: session fixture per module; the cache keeps them from starting one server each.
+_SHARED: dict[str, Any] = {}
 
 
 @pytest.fixture(scope="session")
-def proxies(upstream: ServerProcess) -> Iterator[tuple[FaultProxy, FaultProxy]]:
-    a, b = FaultProxy(upstream.url).start(), FaultProxy(upstream.url).start()
-    yield a, b
-    a.stop()
-    b.stop()
+def upstream(request: pytest.FixtureRequest) -> ServerProcess:
+    if "upstream" not in _SHARED:
+        server = ServerProcess(MODEL, "tgi", SERVE_ARGS).start()
+        request.addfinalizer(server.stop)
+        server.wait_healthy()
+        _SHARED["upstream"] = server
+    return _SHARED["upstream"]
+
+
+@pytest.fixture(scope="session")
+def proxies(upstream: ServerProcess, request: pytest.FixtureRequest) -> tuple[FaultProxy, FaultProxy]:
+    if "proxies" not in _SHARED:
+        pair = FaultProxy(upstream.url).start(), FaultProxy(upstream.url).start()
+        for p in pair:
+            request.addfinalizer(p.stop)
+        _SHARED["proxies"] = pair
+    return _SHARED["proxies"]
 
 
 def make_fuse(proxies: tuple[FaultProxy, FaultProxy], timeout: float = 20.0, **fusion: Any) -> SpecFuse:
@@ -66,13 +79,15 @@ def make_fuse(proxies: tuple[FaultProxy, FaultProxy], timeout: float = 20.0, **f
 
 
 @pytest.fixture(scope="session")
-def fuse(proxies: tuple[FaultProxy, FaultProxy]) -> Iterator[SpecFuse]:
-    for p in proxies:
-        p.set_rules()
-    model = make_fuse(proxies)
-    run(model.astart(), 120)
-    yield model
-    model.close()
+def fuse(proxies: tuple[FaultProxy, FaultProxy], request: pytest.FixtureRequest) -> SpecFuse:
+    if "fuse" not in _SHARED:
+        for p in proxies:
+            p.set_rules()
+        model = make_fuse(proxies)
+        request.addfinalizer(model.close)
+        run(model.astart(), 120)
+        _SHARED["fuse"] = model
+    return _SHARED["fuse"]
 
 
 @pytest.fixture(autouse=False)
