@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -125,6 +126,11 @@ class MemberConfig(BaseModel):
         if isinstance(value, str):
             value = [r.strip() for r in value.split(",") if r.strip()]
         return value
+
+    @field_serializer("roles")
+    def _roles_as_list(self, roles: frozenset[Role]) -> list[str]:
+        # A sorted list: plain json.dumps of a dump must work (LlamaIndex's to_json does that).
+        return sorted(roles)
 
     @model_validator(mode="after")
     def _check(self) -> MemberConfig:
