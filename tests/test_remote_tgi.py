@@ -68,16 +68,10 @@ def test_tgi_fusion_equals_in_process(tgi, reference_answer):  # noqa: F811
 
 
 def test_tgi_vs_embedded_local_ensemble(tgi, reference_answer):  # noqa: F811
-    """EnsembleConfig.local differs only where the local backend omits Gemma's <bos>."""
+    """The embedded local ensemble gives the TGI answer: both put Gemma's <bos> first."""
     from specfuse.backends.local import LocalBackend
 
-    bos = asyncio.run(LocalBackend("gemma3-270m").info()).extra.get("bos_text", "")
-    if bos != "<bos>":
-        pytest.xfail(
-            "LocalBackend reports no BOS text for gemma3-270m (transformers 5 tokenizers have no "
-            "add_bos_token attribute), so its plain prompt lacks <bos> while every server adds it; "
-            "test_tgi_fusion_equals_in_process compares against the in-process engine with <bos>"
-        )
+    assert asyncio.run(LocalBackend("gemma3-270m").info()).extra.get("bos_text") == "<bos>"
     from specfuse import EnsembleConfig
 
     local = SpecFuse(EnsembleConfig.local(PAIR, temperature=0.0, max_tokens=24, seed=7)).generate(PROMPT)
