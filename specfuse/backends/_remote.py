@@ -18,6 +18,7 @@ from specfuse.backends._http import (
     RetryPolicy,
     covering_count,
     last_attempts,
+    post_json,
     public_url,
     token_for,
     with_retries,
@@ -69,6 +70,17 @@ class RemoteBackend(Backend):
 
     def token(self, url: str) -> str | None:
         return token_for(url, self._api_key)
+
+    async def _post(self, url: str, path: str, payload: dict[str, Any] | None, method: str = "POST") -> Any:
+        """One JSON request to a replica, with this member's token (if that host may have it)."""
+        return await post_json(
+            self.clients.get(),
+            url + path,
+            payload,
+            token=self.token(url),
+            timeout=self.timeout,
+            method=method,
+        )
 
     async def call(self, what: str, fn: Callable[[str], Awaitable[T]]) -> T:
         """fn(url) on a replica with retries; errors name this member and the replica."""

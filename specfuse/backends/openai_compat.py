@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from specfuse.backends._http import RemoteError, post_json
+from specfuse.backends._http import RemoteError
 from specfuse.backends._remote import RemoteBackend, cut_at_stop
 from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling
 from specfuse.errors import CapabilityError
@@ -23,16 +23,6 @@ class VLLMBackend(RemoteBackend):
     """A vLLM server (one or more replica URLs), OpenAI completions API."""
 
     protocol = "vllm"
-
-    async def _post(self, url: str, path: str, payload: dict[str, Any] | None, method: str = "POST") -> Any:
-        return await post_json(
-            self.clients.get(),
-            url + path,
-            payload,
-            token=self.token(url),
-            timeout=self.timeout,
-            method=method,
-        )
 
     def _body(self, prompt: str, **fields: Any) -> dict[str, Any]:
         return {"model": self._served_model, "prompt": prompt, **fields}

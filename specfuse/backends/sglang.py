@@ -15,7 +15,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from specfuse.backends._http import post_json
 from specfuse.backends._remote import RemoteBackend, cut_at_stop
 from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling
 
@@ -31,16 +30,6 @@ class SGLangBackend(RemoteBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._context_tokens: OrderedDict[str, int] = OrderedDict()
-
-    async def _post(self, url: str, path: str, payload: dict[str, Any] | None, method: str = "POST") -> Any:
-        return await post_json(
-            self.clients.get(),
-            url + path,
-            payload,
-            token=self.token(url),
-            timeout=self.timeout,
-            method=method,
-        )
 
     async def _generate(self, payload: dict[str, Any], what: str = "POST /generate") -> Any:
         return await self.call(what, lambda url: self._post(url, "/generate", payload))

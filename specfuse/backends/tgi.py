@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from specfuse.backends._http import RemoteError, RetryableError, error_from_status, post_json
+from specfuse.backends._http import RemoteError, RetryableError, error_from_status
 from specfuse.backends._remote import RemoteBackend, cut_at_stop
 from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling
 from specfuse.errors import CapabilityError
@@ -66,22 +66,12 @@ class TGIBackend(RemoteBackend):
         except Exception as exc:
             raise _as_remote_error(exc) from None
 
-    async def _json(self, url: str, path: str, payload: dict[str, Any] | None, method: str = "POST") -> Any:
-        return await post_json(
-            self.clients.get(),
-            url + path,
-            payload,
-            token=self.token(url),
-            timeout=self.timeout,
-            method=method,
-        )
-
     # -- Backend ---------------------------------------------------------------------
 
     async def info(self) -> BackendInfo:
         if self._info is not None:
             return self._info
-        data = await self.call("GET /info", lambda url: self._json(url, "/info", None, method="GET"))
+        data = await self.call("GET /info", lambda url: self._post(url, "/info", None, method="GET"))
         self._max_stops = int(data.get("max_stop_sequences") or 4)
         # The probe: a tiny scoring call. An empty prefill means the server drops prompt log-probs.
         out = await self.call(
@@ -156,7 +146,7 @@ class TGIBackend(RemoteBackend):
         return self.pick_covering(full, len(context), [p.text for p in prefill], [p.logprob for p in prefill])
 
     async def count_tokens(self, text: str) -> int:
-        data = await self.call("POST /tokenize", lambda url: self._json(url, "/tokenize", {"inputs": text}))
+        data = await self.call("POST /tokenize", lambda url: self._post(url, "/tokenize", {"inputs": text}))
         return len(data)
 
     async def server_chat_template(
@@ -167,7 +157,7 @@ class TGIBackend(RemoteBackend):
             payload["tools"] = list(tools)
         try:
             data = await self.call(
-                "POST /chat_tokenize", lambda url: self._json(url, "/chat_tokenize", payload)
+                "POST /chat_tokenize", lambda url: self._post(url, "/chat_tokenize", payload)
             )
         except RemoteError as exc:
             if exc.status in (400, 404, 422):  # no chat template (a base model) or no such route
