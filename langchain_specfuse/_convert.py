@@ -8,8 +8,6 @@ LangChain tool calls. Keeping these pure lets them be unit-tested exhaustively.
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +24,8 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.messages.tool import invalid_tool_call, tool_call
+
+from specfuse.tool_calls import FENCED_JSON, TAGGED_CALL, decode_arguments, json_values, new_call_id
 
 CoreMessage = dict[str, Any]
 
@@ -98,9 +98,9 @@ def to_core_messages(messages: Sequence[BaseMessage]) -> list[CoreMessage]:
 
 
 # -- tool-call parsing --------------------------------------------------------------
-
-_TAGGED = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
-_FENCED = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)(?:```|$)", re.DOTALL)
+# The scanning pieces come from specfuse.tool_calls. Two LangChain-specific rules
+# keep this parser separate: a forced tool also claims a call written under a
+# wrong name, and a bare arguments object counts only when it is the whole answer.
 
 
 @dataclass
@@ -110,29 +110,6 @@ class ParsedOutput:
     content: str
     tool_calls: list[ToolCall] = field(default_factory=list)
     invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)
-
-
-def _new_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def _json_objects(text: str) -> list[tuple[int, int, Any]]:
-    """Every top-level JSON value starting with `{` or `[` in text, with its span."""
-    decoder = json.JSONDecoder()
-    found: list[tuple[int, int, Any]] = []
-    i = 0
-    while i < len(text):
-        if text[i] in "{[":
-            try:
-                value, end = decoder.raw_decode(text, i)
-            except json.JSONDecodeError:
-                i += 1
-                continue
-            found.append((i, end, value))
-            i = end
-        else:
-            i += 1
-    return found
 
 
 def _as_call(obj: Any, tool_names: Sequence[str], forced: str | None) -> tuple[str, Any] | None:
@@ -162,17 +139,6 @@ def _as_call(obj: Any, tool_names: Sequence[str], forced: str | None) -> tuple[s
     return None
 
 
-def _decode_arguments(raw: Any) -> dict[str, Any]:
-    """Arguments as a dict; small models often send them as a JSON string."""
-    if isinstance(raw, str):
-        raw = json.loads(raw) if raw.strip() else {}
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"tool arguments must be a JSON object, got {type(raw).__name__}")
-    return raw
-
-
 def parse_tool_calls(text: str, tool_names: Sequence[str], forced: str | None = None) -> ParsedOutput:
     """Find tool calls in the fused answer.
 
@@ -188,46 +154,46 @@ def parse_tool_calls(text: str, tool_names: Sequence[str], forced: str | None = 
 
     def add(name: str, raw_args: Any, raw_text: str) -> None:
         try:
-            args = _decode_arguments(raw_args)
+            args = decode_arguments(raw_args)
         except (ValueError, json.JSONDecodeError) as exc:
-            invalid.append(invalid_tool_call(name=name, args=raw_text, id=_new_id(), error=str(exc)))
+            invalid.append(invalid_tool_call(name=name, args=raw_text, id=new_call_id(), error=str(exc)))
             return
         # Small models repeat a call verbatim; running the same call twice in one turn never helps.
         if any(c["name"] == name and c["args"] == args for c in calls):
             return
-        calls.append(tool_call(name=name, args=args, id=_new_id()))
+        calls.append(tool_call(name=name, args=args, id=new_call_id()))
 
-    tagged = list(_TAGGED.finditer(text))
+    tagged = list(TAGGED_CALL.finditer(text))
     if tagged:
         for match in tagged:
             body = match.group(1).strip()
-            fenced = _FENCED.search(body)
+            fenced = FENCED_JSON.search(body)
             if fenced:
                 body = fenced.group(1).strip()
             try:
                 obj = json.loads(body)
             except json.JSONDecodeError as exc:
                 invalid.append(
-                    invalid_tool_call(name=None, args=body, id=_new_id(), error=f"not JSON: {exc}")
+                    invalid_tool_call(name=None, args=body, id=new_call_id(), error=f"not JSON: {exc}")
                 )
                 continue
             call = _as_call(obj, tool_names, forced)
             if call is None:
                 name = obj.get("name") if isinstance(obj, dict) else None
                 error = f"unknown tool {name!r}" if name else "no tool name"
-                invalid.append(invalid_tool_call(name=name, args=body, id=_new_id(), error=error))
+                invalid.append(invalid_tool_call(name=name, args=body, id=new_call_id(), error=error))
                 continue
             add(call[0], call[1], body)
-        content = _TAGGED.sub("", text)
+        content = TAGGED_CALL.sub("", text)
         return ParsedOutput(content.strip(), calls, invalid)
 
     # Untagged JSON: a bare object counts as the forced tool's arguments only
     # when it is the whole answer, never when it is nested in prose or in a
     # truncated call (whose inner schema-like objects are not arguments).
     spans: list[tuple[int, int]] = []
-    for match in _FENCED.finditer(text):
+    for match in FENCED_JSON.finditer(text):
         body = match.group(1)
-        for start, end, obj in _json_objects(body):
+        for start, end, obj in json_values(body):
             whole = body[start:end].strip() == body.strip()
             for item in obj if isinstance(obj, list) else [obj]:
                 call = _as_call(item, tool_names, forced if whole else None)
@@ -235,7 +201,7 @@ def parse_tool_calls(text: str, tool_names: Sequence[str], forced: str | None = 
                     add(call[0], call[1], json.dumps(item, ensure_ascii=False))
                     spans.append(match.span())
     if not calls and not invalid:
-        for start, end, obj in _json_objects(text):
+        for start, end, obj in json_values(text):
             whole = text[start:end].strip() == text.strip()
             for item in obj if isinstance(obj, list) else [obj]:
                 call = _as_call(item, tool_names, forced if whole else None)
@@ -255,9 +221,9 @@ def extract_json(text: str) -> str:
     a usable answer is not rejected for its wrapping. Text without any JSON is
     returned as is, so the parser's error names what the model wrote.
     """
-    fenced = _FENCED.search(text)
+    fenced = FENCED_JSON.search(text)
     body = fenced.group(1) if fenced else text
-    objects = _json_objects(body)
+    objects = json_values(body)
     if objects:
         start, end, _ = objects[0]
         return body[start:end]

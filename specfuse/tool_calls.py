@@ -17,10 +17,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["InvalidToolCall", "ParsedText", "ParsedToolCall", "parse_tool_calls"]
+__all__ = [
+    "FENCED_JSON",
+    "TAGGED_CALL",
+    "InvalidToolCall",
+    "ParsedText",
+    "ParsedToolCall",
+    "decode_arguments",
+    "json_values",
+    "new_call_id",
+    "parse_tool_calls",
+]
 
-_TAGGED = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
-_FENCED = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)(?:```|$)", re.DOTALL)
+#: A Hermes/Qwen tool call; an unclosed last tag counts, since max_tokens may cut it.
+TAGGED_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+#: A ```json fence (or an unclosed one at the end of the text).
+FENCED_JSON = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)(?:```|$)", re.DOTALL)
 _ARGUMENT_KEYS = ("arguments", "parameters", "args", "input")
 
 
@@ -76,17 +88,17 @@ def parse_tool_calls(text: str, tool_names: Sequence[str] = (), forced: str | No
 
     def add(name: str, raw_args: Any, raw_text: str) -> None:
         try:
-            args = _decode_arguments(raw_args)
+            args = decode_arguments(raw_args)
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             invalid.append(InvalidToolCall(name, raw_text, str(exc), new_call_id()))
             return
         calls.append(ParsedToolCall(name, args, new_call_id()))
 
-    tagged = list(_TAGGED.finditer(text))
+    tagged = list(TAGGED_CALL.finditer(text))
     if tagged:
         for match in tagged:
             body = match.group(1).strip()
-            fenced = _FENCED.search(body)
+            fenced = FENCED_JSON.search(body)
             if fenced:
                 body = fenced.group(1).strip()
             try:
@@ -102,18 +114,18 @@ def parse_tool_calls(text: str, tool_names: Sequence[str] = (), forced: str | No
                     invalid.append(InvalidToolCall(name, body, error, new_call_id()))
                     continue
                 add(call[0], call[1], body)
-        return ParsedText(calls, _TAGGED.sub("", text).strip(), invalid)
+        return ParsedText(calls, TAGGED_CALL.sub("", text).strip(), invalid)
 
     spans: list[tuple[int, int]] = []
-    for match in _FENCED.finditer(text):
-        for _, _, obj in _json_values(match.group(1)):
+    for match in FENCED_JSON.finditer(text):
+        for _, _, obj in json_values(match.group(1)):
             for item in obj if isinstance(obj, list) else [obj]:
                 call = _as_call(item, tool_names, forced)
                 if call is not None:
                     add(call[0], call[1], json.dumps(item, ensure_ascii=False))
                     spans.append(match.span())
     if not calls and not invalid:
-        for start, end, obj in _json_values(text):
+        for start, end, obj in json_values(text):
             for item in obj if isinstance(obj, list) else [obj]:
                 call = _as_call(item, tool_names, forced)
                 if call is not None:
@@ -125,7 +137,7 @@ def parse_tool_calls(text: str, tool_names: Sequence[str] = (), forced: str | No
     return ParsedText(calls, rest.strip() if spans else text, invalid)
 
 
-def _json_values(text: str) -> list[tuple[int, int, Any]]:
+def json_values(text: str) -> list[tuple[int, int, Any]]:
     """Every top-level JSON object or array in text, with its span."""
     decoder = json.JSONDecoder()
     found: list[tuple[int, int, Any]] = []
@@ -167,7 +179,7 @@ def _as_call(obj: Any, tool_names: Sequence[str], forced: str | None) -> tuple[s
     return None
 
 
-def _decode_arguments(raw: Any) -> dict[str, Any]:
+def decode_arguments(raw: Any) -> dict[str, Any]:
     """Arguments as a dict; models often send them as a JSON string (the OpenAI wire shape)."""
     if isinstance(raw, str):
         raw = json.loads(raw) if raw.strip() else {}
