@@ -112,3 +112,48 @@ def test_harness_runs_resumes_from_cache_and_writes_reports(
     assert calls == {"draft": 0, "score": 0}
     assert second.table == first.table
     assert second.table_path.exists()
+
+
+def test_exit_knobs_change_only_the_exit_modes_cache_keys() -> None:
+    """Choosing exit knobs must not invalidate the cached solo/whole/fuse answers,
+    and must never reuse exit answers made under other knobs (library defaults included)."""
+    from specfuse.config import FusionSettings
+
+    modes = bench.expand_modes(bench.ALL_MODES, PAIR)
+    base = bench.BenchSettings()
+    tuned = bench.BenchSettings(exit_temperature=0.1, min_active=1)
+    explicit = bench.BenchSettings(exit_temperature=FusionSettings().exit_temperature)
+    for mode in modes:
+        same = mode.cache_id(base) == mode.cache_id(tuned)
+        assert same is ("exit" not in mode.name), mode.name
+        assert mode.cache_id(base) == mode.cache_id(explicit)
+    exit_mode = next(m for m in modes if m.name == "exit")
+    assert exit_mode.fusion_settings(tuned)["min_active"] == 1
+    assert exit_mode.fusion_settings(base)["exit_warmup"] == FusionSettings().exit_warmup
+
+
+def test_start_skips_prompts_for_a_held_out_split() -> None:
+    everything = bench.load_prompts(bench.DEFAULT_DATA)
+    split = bench.load_prompts(bench.DEFAULT_DATA, limit=5, start=100)
+    assert [p.key for p in split] == [p.key for p in everything[100:105]]
+
+
+def test_exit_replay_follows_the_engine_rule_on_a_round_log() -> None:
+    """Pure logic on a hand-made round log: gemma keeps losing, so a cold rule
+    drops it after the warmup; a member who later wins counts as lost text."""
+    from benchmarks.ifeval.exit_replay import ExitRule, replay
+
+    members = ("a", "b", "c")
+    log = [{"winner": "a", "S": {"a": 0.4, "b": 0.35, "c": 0.25}, "calls": 9} for _ in range(6)]
+    keep_all = replay(log, ExitRule(2, 1.0, 0.5, 2), members, solo_segment=32, segment=10)
+    assert keep_all.exit_round is None and keep_all.calls == keep_all.fuse_calls == 54
+    cold = replay(log, ExitRule(2, 0.1, 0.5, 2), members, solo_segment=32, segment=10)
+    # Exit after round 2; rounds 3-6 cost two members' share of 9 calls.
+    assert cold.exit_round == 2 and cold.calls == pytest.approx(18 + 4 * 6)
+    assert cold.lost_rounds == 0 and cold.kept_top_winner
+    alone = replay(log, ExitRule(2, 0.1, 0.5, 1), members, solo_segment=32, segment=10)
+    # Down to "a" alone after round 3 (b exits then): rounds 4-6 = 30 tokens = one solo call.
+    assert alone.exit_round == 2 and alone.calls == pytest.approx(18 + 6 + 1)
+    log[5]["winner"] = "b"
+    alone = replay(log, ExitRule(2, 0.1, 0.5, 1), members, solo_segment=32, segment=10)
+    assert alone.lost_rounds == 1

@@ -82,17 +82,19 @@ class Prompt:
     kwargs: list[dict[str, Any]]
 
 
-def load_prompts(path: Path, limit: int | None = None) -> list[Prompt]:
-    """Read an IFEval-format jsonl file (fields key, prompt, instruction_id_list, kwargs)."""
+def load_prompts(path: Path, limit: int | None = None, start: int = 0) -> list[Prompt]:
+    """Read an IFEval-format jsonl file (fields key, prompt, instruction_id_list, kwargs).
+
+    ``start`` skips the first prompts, so a later slice of the file can serve as a
+    held-out split for choosing defaults.
+    """
     prompts = []
     with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            prompts.append(Prompt(row["key"], row["prompt"], row["instruction_id_list"], row["kwargs"]))
-            if limit is not None and len(prompts) >= limit:
-                break
+        rows = [json.loads(line) for line in fh if line.strip()]
+    for row in rows[start:]:
+        prompts.append(Prompt(row["key"], row["prompt"], row["instruction_id_list"], row["kwargs"]))
+        if limit is not None and len(prompts) >= limit:
+            break
     return prompts
 
 
@@ -147,6 +149,28 @@ class BenchSettings:
     top_p: float = 0.9
     seed: int = 1234
     lam: float = 1.0
+    # Model-exit knobs of the exit modes; None = the library's default.
+    exit_warmup: int | None = None
+    exit_temperature: float | None = None
+    exit_ratio: float | None = None
+    min_active: int | None = None
+
+    def exit_settings(self) -> dict[str, Any]:
+        """The exit knobs in effect: explicit ones, else FusionSettings' defaults.
+
+        Resolved here so a change of the library's defaults changes the cache key
+        of the exit modes instead of silently reusing answers made under the old ones.
+        """
+        from specfuse.config import FusionSettings
+
+        defaults = FusionSettings()
+        chosen = {
+            "exit_warmup": self.exit_warmup,
+            "exit_temperature": self.exit_temperature,
+            "exit_ratio": self.exit_ratio,
+            "min_active": self.min_active,
+        }
+        return {k: getattr(defaults, k) if v is None else v for k, v in chosen.items()}
 
 
 @dataclass(frozen=True)
@@ -164,7 +188,10 @@ class Mode:
             # One segment of max_tokens: a pure single-model answer.
             return {**common, "solo_segment_tokens": s.max_tokens, "lam": 0.0, "model_exit": False}
         lam = s.lam if "specem" in self.name else 0.0
-        return {**common, "segment_tokens": s.segment_tokens, "lam": lam, "model_exit": "exit" in self.name}
+        fusion = {**common, "segment_tokens": s.segment_tokens, "lam": lam, "model_exit": "exit" in self.name}
+        if fusion["model_exit"]:
+            fusion.update(s.exit_settings())
+        return fusion
 
     def cache_id(self, s: BenchSettings) -> str:
         """Mode name plus a hash of everything that changes its answers."""
@@ -631,6 +658,7 @@ def run_benchmark(
     *,
     data: Path = DEFAULT_DATA,
     limit: int | None = None,
+    start: int = 0,
     members: Sequence[str] = DEFAULT_MEMBERS,
     modes: Sequence[str] = ALL_MODES,
     settings: BenchSettings | None = None,
@@ -641,7 +669,7 @@ def run_benchmark(
     """Run (or resume) the benchmark, then write the markdown table and the PNG chart."""
     setup_environment()
     settings = settings or BenchSettings()
-    prompts = load_prompts(data, limit)
+    prompts = load_prompts(data, limit, start)
     selected = expand_modes(modes, members)
     cache = Cache(out_dir, settings)
     bench = Bench(members, selected, settings, cache)
@@ -652,7 +680,9 @@ def run_benchmark(
         bench.close()
     reports = build_reports(selected, prompts, cache)
     tag = hashlib.sha1(
-        json.dumps([asdict(settings), list(members), [m.name for m in selected], str(data), limit]).encode()
+        json.dumps(
+            [asdict(settings), list(members), [m.name for m in selected], str(data), limit, start]
+        ).encode()
     ).hexdigest()[:8]
     table_path = out_dir / f"ifeval-{tag}.md"
     chart_path = out_dir / f"ifeval-{tag}.png"
@@ -703,6 +733,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ifeval", description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="IFEval-format jsonl")
     parser.add_argument("--limit", type=int, default=None, help="first N prompts only")
+    parser.add_argument("--start", type=int, default=0, help="skip the first N prompts (a held-out split)")
     parser.add_argument("--members", nargs="+", default=list(DEFAULT_MEMBERS))
     parser.add_argument("--modes", nargs="+", default=list(ALL_MODES), help=f"subset of {list(ALL_MODES)}")
     parser.add_argument("--max-tokens", type=int, default=BenchSettings.max_tokens)
@@ -711,6 +742,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=BenchSettings.top_p)
     parser.add_argument("--seed", type=int, default=BenchSettings.seed)
     parser.add_argument("--lam", type=float, default=BenchSettings.lam, help="SpecEM rate of specem modes")
+    exit_help = "exit modes only; default: the library's"
+    parser.add_argument("--exit-warmup", type=int, default=None, help=exit_help)
+    parser.add_argument("--exit-temperature", type=float, default=None, help=exit_help)
+    parser.add_argument("--exit-ratio", type=float, default=None, help=exit_help)
+    parser.add_argument("--min-active", type=int, default=None, help=exit_help)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="cache, table and chart directory")
     parser.add_argument("--report-only", action="store_true", help="no model call: report what is cached")
     parser.add_argument("--no-progress", action="store_true")
@@ -724,10 +760,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         top_p=args.top_p,
         seed=args.seed,
         lam=args.lam,
+        exit_warmup=args.exit_warmup,
+        exit_temperature=args.exit_temperature,
+        exit_ratio=args.exit_ratio,
+        min_active=args.min_active,
     )
     outcome = run_benchmark(
         data=args.data,
         limit=args.limit,
+        start=args.start,
         members=members,
         modes=modes,
         settings=settings,
