@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logs:
         raise SystemExit("no cached fuse answers with round logs for these prompts: run --modes fuse first")
     grid = {
-        "warmup": [2, 3],
+        "warmup": [2, 3, 4],
         "temperature": [1.0, 0.5, 0.25, 0.1],
         "ratio": [0.5],
         "min_active": [2, 1],

@@ -593,10 +593,15 @@ def markdown(reports: Sequence[ModeReport], settings: BenchSettings, members: Se
             e, b = by_name[exit_mode], by_name[base_mode]
             cut = 1 - e.calls / b.calls if b.calls else 0.0
             keep = e.prompt_strict / b.prompt_strict if b.prompt_strict else float("nan")
+            keep_instr = e.instr_strict / b.instr_strict if b.instr_strict else float("nan")
+            wins = sum(v and not b.per_prompt_strict.get(k, False) for k, v in e.per_prompt_strict.items())
+            losses = sum(not v and b.per_prompt_strict.get(k, False) for k, v in e.per_prompt_strict.items())
             notes.append(
                 f"- {exit_mode} vs {base_mode}: calls {b.calls:.1f} -> {e.calls:.1f} ({cut:+.0%} cut), "
                 f"members/round {b.members_per_round:.2f} -> {e.members_per_round:.2f}, "
-                f"prompt strict {e.prompt_strict}/{e.n} vs {b.prompt_strict}/{b.n} ({keep:.0%} kept)"
+                f"prompt strict {e.prompt_strict}/{e.n} vs {b.prompt_strict}/{b.n} ({keep:.0%} kept; "
+                f"paired: {wins} won, {losses} lost), instr strict {e.instr_strict}/{e.instr_total} vs "
+                f"{b.instr_strict}/{b.instr_total} ({keep_instr:.0%} kept)"
             )
     if "whole" in by_name and by_name["whole"].n:
         w = by_name["whole"]
@@ -613,27 +618,43 @@ def markdown(reports: Sequence[ModeReport], settings: BenchSettings, members: Se
 
 
 def chart(reports: Sequence[ModeReport], path: Path, title: str) -> None:
-    """Prompt-level accuracy (strict filled, loose hollow) against model calls per prompt."""
+    """Accuracy (strict filled, loose hollow) against model calls per prompt, per mode.
+
+    Two panels: prompt level (the goal's metric) and instruction level, which
+    separates small models better because it gives partial credit. Calls on a log
+    axis, since solo answers cost one call and fused ones a hundred.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for i, r in enumerate(reports):
-        if not r.n:
-            continue
-        colour = f"C{i % 10}"
-        ax.scatter(r.calls, r.prompt_strict / r.n, color=colour, s=60, label=f"{r.mode} (N={r.n})")
-        ax.scatter(r.calls, r.prompt_loose / r.n, facecolors="none", edgecolors=colour, s=60)
-    top = max((max(r.prompt_strict, r.prompt_loose) / r.n for r in reports if r.n), default=0.0)
-    upper = max(0.1, top * 1.2)
-    ax.set_ylim(-0.03 * upper, upper)
-    ax.set_xlabel("model calls per prompt (mean)")
-    ax.set_ylabel("IFEval prompt-level accuracy (filled: strict, hollow: loose)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    def prompt_level(r: ModeReport) -> tuple[float, float]:
+        return r.prompt_strict / r.n, r.prompt_loose / r.n
+
+    def instruction_level(r: ModeReport) -> tuple[float, float]:
+        total = r.instr_total or 1
+        return r.instr_strict / total, r.instr_loose / total
+
+    shown = [r for r in reports if r.n]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), dpi=120, sharex=True)
+    panels = (("prompt-level accuracy", prompt_level), ("instruction-level accuracy", instruction_level))
+    for ax, (label, values) in zip(axes, panels, strict=True):
+        top = 0.0
+        for i, r in enumerate(shown):
+            colour = f"C{i % 10}"
+            strict, loose = values(r)
+            ax.scatter(r.calls, strict, color=colour, s=60, label=f"{r.mode} (N={r.n})", zorder=3)
+            ax.scatter(r.calls, loose, facecolors="none", edgecolors=colour, s=60, zorder=3)
+            top = max(top, strict, loose)
+        upper = max(0.1, top * 1.2)
+        ax.set_ylim(-0.03 * upper, upper)
+        ax.set_xscale("log")
+        ax.set_xlabel("model calls per prompt (mean, log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6, loc="best")
+    fig.suptitle(f"{title} (filled: strict, hollow: loose)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
