@@ -447,13 +447,12 @@ class SpecFuse:
 
         if settings.model_exit and not solo and record.index >= settings.exit_warmup:
             active_drafters = [m.name for m in drafters]
-            min_active = settings.effective_min_active(len(request.trace.members))
             record.exits = scoring.exit_decisions(
                 request.quality,
                 active_drafters,
                 temperature=settings.exit_temperature,
                 ratio=settings.exit_ratio,
-                min_active=min(min_active, len(active_drafters)),
+                min_active=min(settings.min_active, len(active_drafters)),
             )
             request.active = [m for m in request.active if m.name not in record.exits]
         self._drop_failing(request, record)

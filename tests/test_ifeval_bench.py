@@ -121,14 +121,14 @@ def test_exit_knobs_change_only_the_exit_modes_cache_keys() -> None:
 
     modes = bench.expand_modes(bench.ALL_MODES, PAIR)
     base = bench.BenchSettings()
-    tuned = bench.BenchSettings(exit_temperature=0.1, min_active=1)
+    tuned = bench.BenchSettings(exit_temperature=0.5, min_active=2)
     explicit = bench.BenchSettings(exit_temperature=FusionSettings().exit_temperature)
     for mode in modes:
         same = mode.cache_id(base) == mode.cache_id(tuned)
         assert same is ("exit" not in mode.name), mode.name
         assert mode.cache_id(base) == mode.cache_id(explicit)
     exit_mode = next(m for m in modes if m.name == "exit")
-    assert exit_mode.fusion_settings(tuned)["min_active"] == 1
+    assert exit_mode.fusion_settings(tuned)["min_active"] == 2
     assert exit_mode.fusion_settings(base)["exit_warmup"] == FusionSettings().exit_warmup
 
 

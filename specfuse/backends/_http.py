@@ -374,8 +374,10 @@ def _run_start(data: bytes, end: int, least: int, anchor: bytes, head: bytes = b
     for start in range(end - least, lowest - 1, -1):
         if start < 0:
             break
-        if (start == len(data) or (data[start] & 0xC0) != 0x80) and data.startswith(head, start) and (
-            not anchor or data[:start].endswith(anchor) or data[:start].endswith(anchor.lstrip(b" "))
+        if (
+            (start == len(data) or (data[start] & 0xC0) != 0x80)
+            and data.startswith(head, start)
+            and (not anchor or data[:start].endswith(anchor) or data[:start].endswith(anchor.lstrip(b" ")))
         ):
             return start
     return max(0, end - least * 4)
