@@ -139,7 +139,8 @@ def replay(
 
 
 def rules(grid: dict[str, Iterable[Any]]) -> list[ExitRule]:
-    return [ExitRule(*values) for values in itertools.product(*grid.values())]
+    """Every combination of the grid's values, fields named by the grid's keys."""
+    return [ExitRule(**dict(zip(grid, values, strict=True))) for values in itertools.product(*grid.values())]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -88,14 +88,10 @@ def load_prompts(path: Path, limit: int | None = None, start: int = 0) -> list[P
     ``start`` skips the first prompts, so a later slice of the file can serve as a
     held-out split for choosing defaults.
     """
-    prompts = []
     with path.open(encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
-    for row in rows[start:]:
-        prompts.append(Prompt(row["key"], row["prompt"], row["instruction_id_list"], row["kwargs"]))
-        if limit is not None and len(prompts) >= limit:
-            break
-    return prompts
+    rows = rows[start:] if limit is None else rows[start : start + limit]
+    return [Prompt(row["key"], row["prompt"], row["instruction_id_list"], row["kwargs"]) for row in rows]
 
 
 @dataclass(frozen=True)
@@ -547,6 +543,14 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
+def paired(mode: ModeReport, reference: ModeReport) -> tuple[int, int]:
+    """Prompts (strict) that mode passed and reference failed, and the reverse."""
+    ref = reference.per_prompt_strict
+    wins = sum(v and not ref.get(k, False) for k, v in mode.per_prompt_strict.items())
+    losses = sum(not v and ref.get(k, False) for k, v in mode.per_prompt_strict.items())
+    return wins, losses
+
+
 def markdown(reports: Sequence[ModeReport], settings: BenchSettings, members: Sequence[str]) -> str:
     """The results table plus the paired comparisons the goals are about."""
 
@@ -578,12 +582,10 @@ def markdown(reports: Sequence[ModeReport], settings: BenchSettings, members: Se
         notes.append(
             f"Best single member (prompt strict): **{best.mode}** {frac(best.prompt_strict, best.n)}."
         )
-        ref = best.per_prompt_strict
         for r in reports:
             if r.mode.startswith("solo:"):
                 continue
-            wins = sum(v and not ref.get(k, False) for k, v in r.per_prompt_strict.items())
-            losses = sum(not v and ref.get(k, False) for k, v in r.per_prompt_strict.items())
+            wins, losses = paired(r, best)
             notes.append(
                 f"- {r.mode} vs {best.mode}: {r.prompt_strict - best.prompt_strict:+d} prompts "
                 f"(paired: {wins} won, {losses} lost, sign-test p={sign_test(wins, losses):.2f})"
@@ -594,8 +596,7 @@ def markdown(reports: Sequence[ModeReport], settings: BenchSettings, members: Se
             cut = 1 - e.calls / b.calls if b.calls else 0.0
             keep = e.prompt_strict / b.prompt_strict if b.prompt_strict else float("nan")
             keep_instr = e.instr_strict / b.instr_strict if b.instr_strict else float("nan")
-            wins = sum(v and not b.per_prompt_strict.get(k, False) for k, v in e.per_prompt_strict.items())
-            losses = sum(not v and b.per_prompt_strict.get(k, False) for k, v in e.per_prompt_strict.items())
+            wins, losses = paired(e, b)
             notes.append(
                 f"- {exit_mode} vs {base_mode}: calls {b.calls:.1f} -> {e.calls:.1f} ({cut:+.0%} cut), "
                 f"members/round {b.members_per_round:.2f} -> {e.members_per_round:.2f}, "
