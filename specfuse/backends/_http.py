@@ -27,7 +27,14 @@ from tenacity import (
 )
 
 from specfuse.backends.base import call_attempts
-from specfuse.errors import BackendError, CapabilityError, ContextWindowError
+
+# The errors are defined in specfuse.errors; these names stay importable from here.
+from specfuse.errors import (
+    CapabilityError,
+    ContextWindowErrorRemote,
+    RemoteError,
+    RetryableError,
+)
 
 T = TypeVar("T")
 
@@ -36,30 +43,6 @@ HF_HOST_SUFFIXES = (".huggingface.co", ".hf.space", ".endpoints.huggingface.clou
 HF_HOSTS = ("huggingface.co", "endpoints.huggingface.cloud")
 
 last_attempts = call_attempts  # shared with the engine, which records it in the trace
-
-
-# -- errors -------------------------------------------------------------------
-
-
-class RemoteError(BackendError):
-    """A server answered with an error status (or could not be reached)."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        retry_after: float | None = None,
-        member: str | None = None,
-        endpoint: str | None = None,
-    ) -> None:
-        super().__init__(message, member=member, endpoint=endpoint)
-        self.status = status
-        self.retry_after = retry_after
-
-
-class RetryableError(RemoteError):
-    """Overloaded (429), unavailable / waking (503), timeouts, refused connections: worth another try."""
 
 
 def is_hf_hosted(url: str) -> bool:
@@ -119,10 +102,6 @@ def error_from_status(status: int, body: str, headers: httpx.Headers | dict[str,
     if status == 422 and ("token" in detail.lower() and ("must" in detail or "exceed" in detail)):
         return ContextWindowErrorRemote(f"HTTP 422: {detail}", status=status)
     return RemoteError(f"HTTP {status}: {detail}", status=status)
-
-
-class ContextWindowErrorRemote(RemoteError, ContextWindowError):
-    """The server refused an input that is too long for it (TGI's 422)."""
 
 
 # -- replicas -----------------------------------------------------------------
