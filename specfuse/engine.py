@@ -1,4 +1,4 @@
-"""The SpecFuse round loop (DESIGN.md section 1), as an async generator.
+"""The SpecFuse round loop (docs/design.md, "The algorithm"), as an async generator.
 
 One round:
 
@@ -98,10 +98,6 @@ class Segment:
     #: Set on the last segment of a response only.
     result: FusionResult | None = None
 
-    @property
-    def is_last(self) -> bool:
-        return self.result is not None
-
 
 @dataclass
 class _Request:
@@ -118,7 +114,7 @@ class _Request:
     tokens_used: int = 0
     max_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
-    #: Consecutive rounds in which every call of a member failed (issue 7, reliability).
+    #: Consecutive rounds in which every call of a member failed (docs/design.md, "Reliability").
     failures: dict[str, int] = field(default_factory=dict)
 
 
@@ -151,6 +147,7 @@ class SpecFuse:
         self._start_lock: asyncio.Lock | None = None
         self._warm_weights: dict[str, float] | None = None
         self._loop_thread = LoopThread()
+        self._usable_window: int | None = None
 
     # -- construction -------------------------------------------------------
 
@@ -312,6 +309,43 @@ class SpecFuse:
         self._loop_thread.run(self.aclose())
         self._loop_thread.stop()
 
+    # -- the usable window ----------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """Whether every member is loaded or probed (by start(), or by the first call)."""
+        return self._members is not None
+
+    async def ausable_window(self) -> int | None:
+        """Tokens a request may use for prompt and answer together; None if no member says.
+
+        The smallest member window less that member's chat-template overhead
+        (an empty user turn, rendered and counted by the member itself) and
+        :data:`WINDOW_MARGIN`. Starts the members if needed; measured once.
+        """
+        if self._usable_window is None:
+            members = await self.astart()
+            probe: list[Message] = [{"role": "user", "content": ""}]
+            rooms = []
+            for member in members:
+                if member.info.context_window is None:
+                    continue
+                overhead = await member.backend.count_tokens(await member.format.render(probe, None))
+                rooms.append(member.info.context_window - overhead - WINDOW_MARGIN)
+            self._usable_window = max(1, min(rooms)) if rooms else 0
+        return self._usable_window or None
+
+    def usable_window(self, *, measure: bool = True) -> int | None:
+        """Blocking ausable_window(); with measure=False it never loads or probes a member.
+
+        Unmeasured, the window is estimated from the offline model store (local
+        members only) with a typical template overhead; None when any member's
+        window is unknown until it is probed.
+        """
+        if self._usable_window is not None or measure:
+            return self._loop_thread.run(self.ausable_window())
+        return _estimated_window(self.config.members if self.config else ())
+
     # -- one request ---------------------------------------------------------
 
     async def _begin(
@@ -464,7 +498,7 @@ class SpecFuse:
     @staticmethod
     def _drop_failing(request: _Request, record: RoundRecord) -> None:
         """Leave out, for the rest of the response, a member that failed every call of
-        _DROP_AFTER_FAILED_ROUNDS rounds in a row (issue 7, reliability).
+        _DROP_AFTER_FAILED_ROUNDS rounds in a row (docs/design.md, "Reliability").
 
         Without this a dead or hanging member is called again every round and costs
         each round its whole retry budget or `round_deadline`. The drop is recorded
@@ -573,7 +607,7 @@ class SpecFuse:
                 lane.close()
             if pending:
                 # round_deadline passed: a verifier's call in flight is cut too, or the
-                # round would wait for it (up to its timeout and retries) after all (issue 7).
+                # round would wait for it (up to its timeout and retries) after all.
                 for task in lane_tasks:
                     task.cancel()
             await asyncio.gather(*lane_tasks, *pending, return_exceptions=True)
@@ -594,6 +628,28 @@ class SpecFuse:
 
 #: A member whose every call failed this many rounds in a row sits out the rest of a response.
 _DROP_AFTER_FAILED_ROUNDS = 2
+
+
+#: Tokens kept free below a member's window for what a caller cannot see: a
+#: framework counting a prompt in its own tokenizer (tiktoken, say) may count
+#: fewer tokens than the member does, and tool prompts add text.
+WINDOW_MARGIN = 64
+#: A chat template's fixed text (default system prompt, role markers), used
+#: until the real overhead is measured.
+_TYPICAL_TEMPLATE_OVERHEAD = 64
+
+
+def _estimated_window(members: Sequence[MemberConfig]) -> int | None:
+    """The usable window from the offline model store, without loading a model."""
+    from specfuse.models import MODELS  # the registry only: no weights are touched
+
+    windows = [
+        MODELS[m.model].context_length if m.backend == "local" and m.model in MODELS else None
+        for m in members
+    ]
+    if not windows or None in windows:
+        return None
+    return min(w for w in windows if w is not None) - _TYPICAL_TEMPLATE_OVERHEAD - WINDOW_MARGIN
 
 
 class _ScoreLane:
