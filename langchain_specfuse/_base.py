@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Self
 
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.utils import secret_from_env
@@ -23,11 +24,7 @@ from specfuse import (
     MemberConfig,
     SpecFuse,
 )
-
-#: Fusion settings exposed as first-class fields (the ones LangChain users expect
-#: by name); every other FusionSettings knob goes through `fusion={...}`.
-_TOP_LEVEL_SETTINGS = ("temperature", "max_tokens", "top_p", "seed", "segment_tokens")
-
+from specfuse.config import ADAPTER_FIELD_SETTINGS, request_overrides
 
 #: Engines by ensemble, shared by every model object of this process (see `engine`).
 _ENGINES: dict[str, SpecFuse] = {}
@@ -115,6 +112,35 @@ class SpecFuseParams(BaseModel):
         FusionSettings().with_overrides(**self._overrides(None, {}))
         return self
 
+    # -- construction and LangChain plumbing shared by both models -----------
+
+    @classmethod
+    def local(cls, models: Sequence[str] | None = None, **kwargs: Any) -> Self:
+        """The embedded offline ensemble, or a subset of its short names."""
+        return cls(members=list(models) if models is not None else None, **kwargs)
+
+    @classmethod
+    def from_file(cls, path: str, **kwargs: Any) -> Self:
+        """An ensemble described by a `.toml` / `.json` config file."""
+        return cls(config_path=str(path), **kwargs)
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        return True
+
+    @property
+    def lc_secrets(self) -> dict[str, str]:
+        return {"api_key": "SPECFUSE_API_KEY"}
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self.resolved_model_name,
+            "members": self.members,
+            "config_path": self.config_path,
+            **self._overrides(None, {}),
+        }
+
     # -- the ensemble ---------------------------------------------------------
 
     def ensemble_config(self) -> EnsembleConfig:
@@ -176,19 +202,9 @@ class SpecFuseParams(BaseModel):
     # -- per request ------------------------------------------------------------
 
     def _overrides(self, stop: list[str] | None, call: dict[str, Any]) -> dict[str, Any]:
-        """Fusion overrides of one request: fields, then `fusion`, then per-call kwargs."""
-        out: dict[str, Any] = dict(self.fusion)
-        for name in _TOP_LEVEL_SETTINGS:
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
-        if self.timeout is not None:
-            out["request_deadline"] = self.timeout
-        out.update({k: v for k, v in call.items() if v is not None})
-        stops = list(dict.fromkeys([*(self.stop or []), *(stop or []), *(call.get("stop") or [])]))
-        if stops:
-            out["stop"] = stops
-        return out
+        """Fusion overrides of one request: `fusion`, then fields, then per-call kwargs."""
+        fields = {name: getattr(self, name) for name in ADAPTER_FIELD_SETTINGS}
+        return request_overrides(self.fusion, fields, {"stop": stop}, call)
 
 
 def usage_metadata(result: FusionResult) -> UsageMetadata:

@@ -27,16 +27,10 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel
 
 from langchain_specfuse._base import SpecFuseParams, result_metadata, usage_metadata
-from langchain_specfuse._convert import (
-    ParsedOutput,
-    extract_json,
-    json_instruction,
-    parse_tool_calls,
-    to_core_messages,
-    tool_choice_instruction,
-    with_system_instruction,
-)
+from langchain_specfuse._convert import ParsedOutput, to_core_messages, to_langchain_output
 from specfuse import FusionResult, Segment
+from specfuse.errors import ConfigError
+from specfuse.tool_calls import ToolPlan, normalize_tool_choice
 
 _StructuredMethod = Literal["function_calling", "json_schema", "json_mode"]
 
@@ -46,18 +40,15 @@ class _Request:
     """One call, translated for the engine."""
 
     messages: list[dict[str, Any]]
-    tools: list[dict[str, Any]] | None
+    plan: ToolPlan
     overrides: dict[str, Any]
-    tool_names: list[str]
-    forced_tool: str | None
-    json_output: bool
+
+    @property
+    def tools(self) -> list[dict[str, Any]] | None:
+        return self.plan.tools
 
     def parse(self, text: str) -> ParsedOutput:
-        if self.tools:
-            return parse_tool_calls(text, self.tool_names, self.forced_tool)
-        if self.json_output:
-            return ParsedOutput(extract_json(text))
-        return ParsedOutput(text)
+        return to_langchain_output(self.plan.parse(text))
 
 
 class ChatSpecFuse(SpecFuseParams, BaseChatModel):
@@ -99,16 +90,6 @@ class ChatSpecFuse(SpecFuseParams, BaseChatModel):
     and the last chunk carries the parsed calls.
     """
 
-    @classmethod
-    def local(cls, models: Sequence[str] | None = None, **kwargs: Any) -> ChatSpecFuse:
-        """The embedded offline ensemble, or a subset of its short names."""
-        return cls(members=list(models) if models is not None else None, **kwargs)
-
-    @classmethod
-    def from_file(cls, path: str, **kwargs: Any) -> ChatSpecFuse:
-        """An ensemble described by a `.toml` / `.json` config file."""
-        return cls(config_path=str(path), **kwargs)
-
     # -- LangChain plumbing ---------------------------------------------------
 
     @property
@@ -116,25 +97,8 @@ class ChatSpecFuse(SpecFuseParams, BaseChatModel):
         return "specfuse-chat"
 
     @classmethod
-    def is_lc_serializable(cls) -> bool:
-        return True
-
-    @classmethod
     def get_lc_namespace(cls) -> list[str]:
         return ["langchain_specfuse", "chat_models"]
-
-    @property
-    def lc_secrets(self) -> dict[str, str]:
-        return {"api_key": "SPECFUSE_API_KEY"}
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "model_name": self.resolved_model_name,
-            "members": self.members,
-            "config_path": self.config_path,
-            **self._overrides(None, {}),
-        }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
@@ -170,15 +134,9 @@ class ChatSpecFuse(SpecFuseParams, BaseChatModel):
         OpenAI `{"type": "function", "function": {"name": ...}}` dict.
         """
         formatted = [convert_to_openai_tool(t, strict=strict) for t in tools]
-        names = [t["function"]["name"] for t in formatted]
-        if tool_choice is True:
-            tool_choice = "any"
-        elif isinstance(tool_choice, dict):
-            tool_choice = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
-        special = ("auto", "none", "any", "required")
-        if isinstance(tool_choice, str) and tool_choice not in special and tool_choice not in names:
-            raise ValueError(f"tool_choice {tool_choice!r} is not among the bound tools {names}")
-        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+        # Checked now, so a bad choice fails at bind time rather than on the first call.
+        choice = normalize_tool_choice(tool_choice, [t["function"]["name"] for t in formatted])
+        return super().bind(tools=formatted, tool_choice=choice, **kwargs)
 
     def with_structured_output(
         self,
@@ -200,14 +158,16 @@ class ChatSpecFuse(SpecFuseParams, BaseChatModel):
         """
         if method == "function_calling":
             if schema is None:
-                raise ValueError("method='function_calling' needs a schema")
+                raise ConfigError("method='function_calling' needs a schema")
             return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
         if method not in ("json_schema", "json_mode"):
-            raise ValueError(f"unknown method {method!r}; use function_calling, json_schema or json_mode")
+            raise ConfigError(f"unknown method {method!r}; use function_calling, json_schema or json_mode")
         if kwargs:
-            raise ValueError(f"unsupported arguments {sorted(kwargs)}")
+            raise ConfigError(
+                f"unsupported arguments {sorted(kwargs)}; accepted: schema, method, include_raw, strict"
+            )
         if schema is None and method == "json_schema":
-            raise ValueError("method='json_schema' needs a schema")
+            raise ConfigError("method='json_schema' needs a schema")
         json_schema = convert_to_json_schema(schema) if schema is not None else None
         bound = self.bind(
             response_format={
@@ -239,37 +199,16 @@ class ChatSpecFuse(SpecFuseParams, BaseChatModel):
         kwargs = dict(kwargs)
         model = kwargs.pop("model", None)
         if model is not None and model != self.resolved_model_name:
-            raise ValueError("ChatSpecFuse fuses a fixed ensemble; a per-call model= is not supported")
-        tools: list[dict[str, Any]] | None = kwargs.pop("tools", None)
-        tool_choice = kwargs.pop("tool_choice", None)
-        response_format = kwargs.pop("response_format", None)
-        core = to_core_messages(messages)
-        if tool_choice == "none":
-            tools = None
-        names = [t["function"]["name"] for t in tools or []]
-        forced = None
-        if tools:
-            if tool_choice in ("any", "required") and len(names) == 1:
-                forced = names[0]
-            elif isinstance(tool_choice, str) and tool_choice in names:
-                forced = tool_choice
-            instruction = tool_choice_instruction(tool_choice, tools)
-            if instruction:
-                core = with_system_instruction(core, instruction)
-        if response_format is not None:
-            core = with_system_instruction(core, json_instruction(response_format.get("schema")))
-        overrides = self._overrides(stop, kwargs)
-        if tools:
-            # The result of a call comes from the tool; a model that starts writing
-            # one itself (small models mimic the template's <tool_response>) is done.
-            overrides["stop"] = list(dict.fromkeys([*overrides.get("stop", []), "<tool_response>"]))
+            raise ConfigError("ChatSpecFuse fuses a fixed ensemble; a per-call model= is not supported")
+        plan = ToolPlan.build(
+            kwargs.pop("tools", None),
+            kwargs.pop("tool_choice", None),
+            response_format=kwargs.pop("response_format", None),
+        )
         return _Request(
-            messages=core,
-            tools=tools or None,
-            overrides=overrides,
-            tool_names=names,
-            forced_tool=forced,
-            json_output=response_format is not None,
+            messages=plan.messages(to_core_messages(messages)),
+            plan=plan,
+            overrides=plan.overrides(self._overrides(stop, kwargs)),
         )
 
     def _message(self, result: FusionResult, request: _Request) -> AIMessage:

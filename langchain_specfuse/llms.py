@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -26,39 +26,13 @@ class SpecFuseLLM(SpecFuseParams, BaseLLM):
     to `on_llm_new_token` (BaseLLM leaves that to the integration).
     """
 
-    @classmethod
-    def local(cls, models: Sequence[str] | None = None, **kwargs: Any) -> SpecFuseLLM:
-        """The embedded offline ensemble, or a subset of its short names."""
-        return cls(members=list(models) if models is not None else None, **kwargs)
-
-    @classmethod
-    def from_file(cls, path: str, **kwargs: Any) -> SpecFuseLLM:
-        return cls(config_path=str(path), **kwargs)
-
     @property
     def _llm_type(self) -> str:
         return "specfuse"
 
     @classmethod
-    def is_lc_serializable(cls) -> bool:
-        return True
-
-    @classmethod
     def get_lc_namespace(cls) -> list[str]:
         return ["langchain_specfuse", "llms"]
-
-    @property
-    def lc_secrets(self) -> dict[str, str]:
-        return {"api_key": "SPECFUSE_API_KEY"}
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "model_name": self.resolved_model_name,
-            "members": self.members,
-            "config_path": self.config_path,
-            **self._overrides(None, {}),
-        }
 
     def _info(self, result: FusionResult) -> dict[str, Any]:
         return {**result_metadata(result, self.resolved_model_name), "usage_metadata": usage_metadata(result)}

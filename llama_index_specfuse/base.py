@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+import warnings
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -27,23 +28,25 @@ from llama_index.core.base.llms.types import (
     MessageRole,
     ToolCallBlock,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, model_validator
 from llama_index.core.constants import DEFAULT_CONTEXT_WINDOW
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
 from specfuse import EnsembleConfig, FusionResult, FusionSettings, MemberConfig, Segment, SpecFuse
-from specfuse.tool_calls import parse_tool_calls
+from specfuse.config import ADAPTER_FIELD_SETTINGS, request_overrides
+from specfuse.errors import ConfigError, ToolCallError
+from specfuse.tool_calls import ToolPlan, parse_tool_calls
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
 
-T = TypeVar("T")
-
-#: Tokens kept free for what LlamaIndex cannot see: its tiktoken count of a prompt
-#: may differ from a member's own tokenizer, and tool prompts add text.
-_TOKENIZER_MARGIN = 64
+#: Keywords LlamaIndex itself passes to chat() (from _prepare_chat_with_tools):
+#: read by the tool plan, never fusion settings.
+_TOOL_KEYWORDS = ("tools", "tool_choice")
+#: Keywords an earlier version passed between _prepare_chat_with_tools and chat().
+_OLD_TOOL_KEYWORDS = ("forced_tool", "tool_instruction")
 
 _ROLES = {
     MessageRole.SYSTEM: "system",
@@ -76,10 +79,15 @@ class SpecFuseLLM(FunctionCallingLLM):
     )
     max_tokens: int | None = Field(default=None, gt=0, description="Max tokens of a fused answer.")
     temperature: float | None = Field(default=None, ge=0.0, description="0 means greedy.")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
+    segment_tokens: int | None = Field(default=None, gt=0, description="Max tokens per drafted segment.")
     stop: list[str] | None = Field(default=None, description="Stop sequences.")
-    fusion_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Other FusionSettings overrides for every request."
+    timeout: float | None = Field(
+        default=None, gt=0.0, description="Seconds allowed per response (the core's request_deadline)."
+    )
+    fusion: dict[str, Any] = Field(
+        default_factory=dict, description="Any other FusionSettings field for every request (tau, lam, ...)."
     )
     context_window: int | None = Field(
         default=None, gt=0, description="Override the window derived from the members."
@@ -90,16 +98,38 @@ class SpecFuseLLM(FunctionCallingLLM):
     model: str | None = Field(default=None, description="Model name reported in metadata.")
 
     _fuse: SpecFuse | None = PrivateAttr(default=None)
-    _window: int | None = PrivateAttr(default=None)
-    _window_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rename_fusion_kwargs(cls, data: Any) -> Any:
+        """`fusion_kwargs` was this adapter's name for what both adapters now call `fusion`."""
+        if isinstance(data, dict) and "fusion_kwargs" in data:
+            warnings.warn(_FUSION_KWARGS_DEPRECATED, DeprecationWarning, stacklevel=2)
+            data = _renamed_fusion_kwargs(data)
+        return data
+
+    @model_validator(mode="after")
+    def _check_fusion(self) -> SpecFuseLLM:
+        # Validate early, so a typo fails at construction rather than on first call.
+        self.ensemble.fusion.with_overrides(**self._overrides({}))
+        return self
+
+    @property
+    def fusion_kwargs(self) -> dict[str, Any]:
+        """Deprecated name of `fusion`."""
+        warnings.warn("SpecFuseLLM.fusion_kwargs is deprecated; use fusion", DeprecationWarning, stacklevel=2)
+        return self.fusion
 
     def __init__(self, ensemble: EnsembleConfig | None = None, *, fuse: SpecFuse | None = None, **data: Any):
         if fuse is not None:
             if fuse.config is None:
-                raise ValueError("pass a SpecFuse built from an EnsembleConfig (SpecFuse(config))")
+                raise ConfigError("pass a SpecFuse built from an EnsembleConfig (SpecFuse(config))")
             ensemble = fuse.config
         if ensemble is not None:
             data["ensemble"] = ensemble
+        if "fusion_kwargs" in data:
+            warnings.warn(_FUSION_KWARGS_DEPRECATED, DeprecationWarning, stacklevel=2)
+            data = _renamed_fusion_kwargs(data)
         super().__init__(**data)
         self._fuse = fuse
 
@@ -131,7 +161,7 @@ class SpecFuseLLM(FunctionCallingLLM):
 
     @classmethod
     def _split(cls, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        own = set(cls.model_fields) - {"ensemble"}
+        own = set(cls.model_fields) - {"ensemble"} | {"fusion_kwargs"}
         return (
             {k: v for k, v in kwargs.items() if k in own},
             {k: v for k, v in kwargs.items() if k not in own},
@@ -164,119 +194,75 @@ class SpecFuseLLM(FunctionCallingLLM):
         return self.model or "specfuse:" + "+".join(m.display_name for m in self.ensemble.members)
 
     def _context_window(self) -> int:
-        """The smallest member window less that member's chat-template overhead.
+        """The engine's usable window (see SpecFuse.usable_window), unless overridden.
 
-        Knowing it means loading or probing the members. From sync code we do it
-        once (that is where models load); inside a running event loop we must not
-        block, so until an async call has measured it we return an estimate.
+        Knowing it means loading or probing the members. From sync code that is
+        done once (models load there anyway); inside a running event loop it must
+        not block, so until a call has measured it the engine's estimate is used.
         """
         if self.context_window is not None:
             return self.context_window
-        if self._window is not None:
-            return self._window
         try:
             asyncio.get_running_loop()
+            measure = False
         except RuntimeError:
-            return _run_blocking(self._measure_window())
-        return self._estimated_window()
-
-    async def _measure_window(self) -> int:
-        members = await self.engine.astart()
-        if self._window is not None:
-            return self._window
-        probe = [{"role": "user", "content": ""}]
-        rooms = []
-        for member in members:
-            if member.info.context_window is None:
-                continue
-            overhead = await member.backend.count_tokens(await member.format.render(probe, None))
-            rooms.append(member.info.context_window - overhead - _TOKENIZER_MARGIN)
-        with self._window_lock:
-            self._window = max(1, min(rooms)) if rooms else DEFAULT_CONTEXT_WINDOW
-        return self._window
-
-    def _estimated_window(self) -> int:
-        from specfuse.models import MODELS
-
-        windows = [
-            MODELS[m.model].context_length if m.backend == "local" and m.model in MODELS else None
-            for m in self.ensemble.members
-        ]
-        if None in windows:
-            return DEFAULT_CONTEXT_WINDOW
-        # 64 covers the templates' default system prompts until the real overhead is measured.
-        return min(w for w in windows if w is not None) - 64 - _TOKENIZER_MARGIN
+            measure = True
+        return self.engine.usable_window(measure=measure) or DEFAULT_CONTEXT_WINDOW
 
     def _settings(self) -> FusionSettings:
         return self.ensemble.fusion.with_overrides(**self._overrides({}))
 
     # -- request plumbing ------------------------------------------------------
 
-    def _overrides(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Fusion overrides of one request: our fields, then the call's FusionSettings keywords.
+    def _overrides(self, call: dict[str, Any]) -> dict[str, Any]:
+        """Fusion overrides of one request: `fusion`, then fields, then the call's keywords."""
+        fields = {name: getattr(self, name) for name in ADAPTER_FIELD_SETTINGS}
+        return request_overrides(self.fusion, fields, call)
 
-        LlamaIndex passes assorted keywords (formatted, tool_choice, ...); only
-        those naming a fusion setting are meant for the engine.
-        """
-        out: dict[str, Any] = {**self.fusion_kwargs}
-        for name in ("max_tokens", "temperature", "seed", "stop"):
-            if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
-        out.update({k: v for k, v in kwargs.items() if k in FusionSettings.model_fields and v is not None})
-        return out
+    def _request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> _Call:
+        call = {k: v for k, v in kwargs.items() if k not in _TOOL_KEYWORDS + _OLD_TOOL_KEYWORDS}
+        plan = ToolPlan.build(kwargs.get("tools"), _tool_choice(kwargs))
+        return _Call(
+            plan.messages(to_specfuse_messages(messages)), plan, plan.overrides(self._overrides(call))
+        )
 
-    def _request(
-        self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str | None, dict[str, Any]]:
-        tools = kwargs.get("tools") or None
-        forced = kwargs.get("forced_tool")
-        dicts = to_specfuse_messages(messages)
-        instruction = kwargs.get("tool_instruction")
-        if tools and instruction:
-            dicts = _with_system_note(dicts, instruction)
-        return dicts, tools, forced, self._overrides(kwargs)
+    def _generate(self, call: _Call) -> FusionResult:
+        return self.engine.generate(call.messages, tools=call.plan.tools, **call.overrides)
 
-    async def _asegments(
-        self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]
-    ) -> AsyncIterator[Segment]:
-        dicts, tools, _, overrides = self._request(messages, kwargs)
-        if self._window is None:
-            await self._measure_window()  # natively async, so metadata stops estimating
-        async for segment in self.engine.astream(dicts, tools=tools, **overrides):
+    async def _agenerate(self, call: _Call) -> FusionResult:
+        result = None
+        async for segment in self._asegments(call):
+            result = segment.result
+        assert result is not None  # the engine's last segment always carries it
+        return result
+
+    async def _asegments(self, call: _Call) -> AsyncIterator[Segment]:
+        await self.engine.ausable_window()  # natively async, so metadata stops estimating
+        async for segment in self.engine.astream(call.messages, tools=call.plan.tools, **call.overrides):
             yield segment
 
-    def _segments(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> Iterator[Segment]:
-        dicts, tools, _, overrides = self._request(messages, kwargs)
+    def _segments(self, call: _Call) -> Iterator[Segment]:
         # The engine's blocking stream runs on its own loop thread: safe in Jupyter too.
-        return self.engine.stream(dicts, tools=tools, **overrides)
-
-    def _tool_names(self, kwargs: dict[str, Any]) -> list[str]:
-        return [t["function"]["name"] for t in kwargs.get("tools") or [] if "function" in t]
+        return self.engine.stream(call.messages, tools=call.plan.tools, **call.overrides)
 
     def _chat_response(
-        self, text: str, delta: str | None, result: FusionResult | None, kwargs: dict[str, Any]
+        self, text: str, delta: str | None, result: FusionResult | None, plan: ToolPlan
     ) -> ChatResponse:
         additional: dict[str, Any] = {}
         content = text
-        if result is not None and kwargs.get("tools"):
-            parsed = parse_tool_calls(result.text, self._tool_names(kwargs), kwargs.get("forced_tool"))
-            specs = {t["function"]["name"]: t["function"] for t in kwargs["tools"] if "function" in t}
+        if result is not None and plan.tools:
+            parsed = plan.parse(result.text)
+            if delta is None:  # a stream's content stays the sum of its deltas
+                content = parsed.text
             if parsed.calls:
                 additional["tool_calls"] = [
                     {
                         "id": call.id,
                         "type": "function",
-                        "function": {
-                            "name": call.name,
-                            "arguments": json.dumps(
-                                _unwrap_schema_echo(call.arguments, specs.get(call.name))
-                            ),
-                        },
+                        "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
                     }
                     for call in parsed.calls
                 ]
-                if delta is None:  # a stream's content stays the sum of its deltas
-                    content = parsed.text
             if parsed.invalid:
                 additional["invalid_tool_calls"] = [vars(call) for call in parsed.invalid]
         return ChatResponse(
@@ -311,85 +297,60 @@ class SpecFuseLLM(FunctionCallingLLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        dicts, tools, _, overrides = self._request(messages, kwargs)
-        result = self.engine.generate(dicts, tools=tools, **overrides)
-        return self._chat_response(result.text, None, result, kwargs)
+        call = self._request(messages, kwargs)
+        result = self._generate(call)
+        return self._chat_response(result.text, None, result, call.plan)
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        result = None
-        async for segment in self._asegments(messages, kwargs):
-            result = segment.result
-        assert result is not None  # the engine's last segment always carries it
-        return self._chat_response(result.text, None, result, kwargs)
+        call = self._request(messages, kwargs)
+        result = await self._agenerate(call)
+        return self._chat_response(result.text, None, result, call.plan)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        def gen() -> ChatResponseGen:
-            text = ""
-            for segment in self._segments(messages, kwargs):
-                text += segment.text
-                if segment.text or segment.result is not None:
-                    yield self._chat_response(text, segment.text, segment.result, kwargs)
-
-        return gen()
+        call = self._request(messages, kwargs)
+        return (
+            self._chat_response(text, s.text, s.result, call.plan)
+            for text, s in _running(self._segments(call))
+        )
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        async def gen() -> ChatResponseAsyncGen:
-            text = ""
-            async for segment in self._asegments(messages, kwargs):
-                text += segment.text
-                if segment.text or segment.result is not None:
-                    yield self._chat_response(text, segment.text, segment.result, kwargs)
-
-        return gen()
+        call = self._request(messages, kwargs)
+        return (
+            self._chat_response(text, s.text, s.result, call.plan)
+            async for text, s in _arunning(self._asegments(call))
+        )
 
     # -- completion ------------------------------------------------------------
     # The members are chat models: a prompt is one user turn, rendered by each
     # member's own template.
 
+    def _prompt_call(self, prompt: str, kwargs: dict[str, Any]) -> _Call:
+        return self._request([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
+
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        dicts, tools, _, overrides = self._request(
-            [ChatMessage(role=MessageRole.USER, content=prompt)], kwargs
-        )
-        result = self.engine.generate(dicts, tools=tools, **overrides)
+        result = self._generate(self._prompt_call(prompt, kwargs))
         return self._completion_response(result.text, None, result)
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        result = None
-        async for segment in self._asegments([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs):
-            result = segment.result
-        assert result is not None
+        result = await self._agenerate(self._prompt_call(prompt, kwargs))
         return self._completion_response(result.text, None, result)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        def gen() -> CompletionResponseGen:
-            text = ""
-            for segment in self._segments([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs):
-                text += segment.text
-                if segment.text or segment.result is not None:
-                    yield self._completion_response(text, segment.text, segment.result)
-
-        return gen()
+        segments = self._segments(self._prompt_call(prompt, kwargs))
+        return (self._completion_response(text, s.text, s.result) for text, s in _running(segments))
 
     @llm_completion_callback()
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
-        async def gen() -> CompletionResponseAsyncGen:
-            text = ""
-            async for segment in self._asegments(
-                [ChatMessage(role=MessageRole.USER, content=prompt)], kwargs
-            ):
-                text += segment.text
-                if segment.text or segment.result is not None:
-                    yield self._completion_response(text, segment.text, segment.result)
-
-        return gen()
+        segments = self._asegments(self._prompt_call(prompt, kwargs))
+        return (self._completion_response(text, s.text, s.result) async for text, s in _arunning(segments))
 
     # -- function calling --------------------------------------------------------
 
@@ -403,38 +364,19 @@ class SpecFuseLLM(FunctionCallingLLM):
         tool_required: bool = False,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        specs = [tool.metadata.to_openai_tool() for tool in tools]
-        names = [spec["function"]["name"] for spec in specs]
         messages = list(chat_history or [])
         if isinstance(user_msg, str):
             user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
         if user_msg is not None:
             messages.append(user_msg)
         tool_choice = kwargs.pop("tool_choice", None)
-        # There is no constrained decoding across members: a required tool is
-        # enforced by the prompt, and a bare argument object then counts as its call.
-        forced = None
-        if isinstance(tool_choice, str) and tool_choice in names:
-            forced = tool_choice
-        elif isinstance(tool_choice, dict):
-            forced = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
-        elif (tool_required or tool_choice in ("required", "any")) and len(names) == 1:
-            forced = names[0]
-        instruction = None
-        if forced is not None:
-            instruction = f"You must call the tool {forced!r} now."
-        elif tool_required or tool_choice in ("required", "any"):
-            instruction = "You must call one of the tools " + ", ".join(map(repr, names)) + " now."
-        if instruction:
-            instruction += (
-                ' Answer only with the call: <tool_call>{"name": <tool name>, "arguments": '
-                "<object of arguments>}</tool_call>"
-            )
+        if tool_required and tool_choice in (None, "auto"):
+            tool_choice = "required"
+        # Which tool is forced and what the prompt says is the core's ToolPlan, built per call.
         return {
             "messages": messages,
-            "tools": specs or None,
-            "forced_tool": forced,
-            "tool_instruction": instruction,
+            "tools": [tool.metadata.to_openai_tool() for tool in tools] or None,
+            "tool_choice": tool_choice,
             **kwargs,
         }
 
@@ -444,7 +386,7 @@ class SpecFuseLLM(FunctionCallingLLM):
         calls = response.message.additional_kwargs.get("tool_calls") or []
         if not calls:
             if error_on_no_tool_call:
-                raise ValueError(
+                raise ToolCallError(
                     "expected at least one tool call, but the fused answer has none: "
                     f"{response.message.content!r}"
                 )
@@ -463,6 +405,55 @@ class SpecFuseLLM(FunctionCallingLLM):
         return selections
 
 
+_FUSION_KWARGS_DEPRECATED = "SpecFuseLLM(fusion_kwargs=...) is deprecated; use fusion=..."
+
+
+def _renamed_fusion_kwargs(data: dict[str, Any]) -> dict[str, Any]:
+    data = dict(data)
+    data["fusion"] = {**(data.pop("fusion_kwargs") or {}), **(data.get("fusion") or {})}
+    return data
+
+
+def _running(segments: Iterator[Segment]) -> Iterator[tuple[str, Segment]]:
+    """(text so far, segment) for each segment a stream shows: one with text, and the last."""
+    text = ""
+    for segment in segments:
+        text += segment.text
+        if segment.text or segment.result is not None:
+            yield text, segment
+
+
+async def _arunning(segments: AsyncIterator[Segment]) -> AsyncIterator[tuple[str, Segment]]:
+    text = ""
+    async for segment in segments:
+        text += segment.text
+        if segment.text or segment.result is not None:
+            yield text, segment
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call, translated for the engine."""
+
+    messages: list[dict[str, Any]]
+    plan: ToolPlan
+    overrides: dict[str, Any]
+
+
+def _tool_choice(kwargs: dict[str, Any]) -> Any:
+    """The call's tool_choice, reading the keywords an earlier version passed instead."""
+    if any(k in kwargs for k in _OLD_TOOL_KEYWORDS):
+        warnings.warn(
+            "chat(forced_tool=..., tool_instruction=...) is deprecated: pass tool_choice=<tool name>; "
+            "the instruction is written by specfuse.tool_calls",
+            DeprecationWarning,
+            stacklevel=5,
+        )
+        if kwargs.get("tool_choice") is None and kwargs.get("forced_tool"):
+            return kwargs["forced_tool"]
+    return kwargs.get("tool_choice")
+
+
 # -- message conversion --------------------------------------------------------------
 
 
@@ -477,7 +468,7 @@ def to_specfuse_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]
     for message in messages:
         role = _ROLES.get(message.role)
         if role is None:
-            raise ValueError(f"unsupported message role {message.role!r}")
+            raise ConfigError(f"unsupported message role {message.role!r}")
         content = message.content or ""
         entry: dict[str, Any] = {"role": role, "content": content}
         calls = _tool_calls_of(message)
@@ -527,41 +518,3 @@ def _tool_calls_of(message: ChatMessage) -> list[dict[str, Any]]:
                 }
             )
     return calls
-
-
-def _unwrap_schema_echo(arguments: dict[str, Any], spec: dict[str, Any] | None) -> dict[str, Any]:
-    """Undo a small model's habit of nesting its arguments under the schema's "properties" key.
-
-    ``{"properties": {"name": "Lisbon"}}`` is unwrapped only when the tool has no
-    parameter called "properties", so a real argument of that name is kept.
-    """
-    params = ((spec or {}).get("parameters") or {}).get("properties") or {}
-    inner = arguments.get("properties")
-    if set(arguments) == {"properties"} and isinstance(inner, dict) and "properties" not in params:
-        return inner
-    return arguments
-
-
-def _with_system_note(messages: list[dict[str, Any]], note: str) -> list[dict[str, Any]]:
-    if messages and messages[0]["role"] == "system":
-        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{note}".strip()}
-        return [first, *messages[1:]]
-    return [{"role": "system", "content": note}, *messages]
-
-
-def _run_blocking(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine to completion from sync code, on a fresh loop in a helper thread."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(coro)
-        except BaseException as exc:  # re-raised in the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name="specfuse-llama-index-metadata", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]

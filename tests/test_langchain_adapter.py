@@ -21,14 +21,9 @@ from langchain_core.tools import tool
 from pydantic import BaseModel, Field
 
 from langchain_specfuse import ChatSpecFuse, SpecFuseLLM
-from langchain_specfuse._convert import (
-    extract_json,
-    parse_tool_calls,
-    to_core_messages,
-    tool_choice_instruction,
-    with_system_instruction,
-)
-from specfuse import MemberConfig
+from langchain_specfuse._convert import to_core_messages, to_langchain_output
+from specfuse import ConfigError, MemberConfig
+from specfuse.tool_calls import parse_tool_calls
 
 PAIR = ["smollm2-135m", "gemma3-270m"]
 TOOL_MEMBERS: list[dict[str, Any]] = [
@@ -90,79 +85,21 @@ def test_non_text_content_is_refused_with_a_clear_error() -> None:
         to_core_messages([image])
 
 
-def test_instruction_merges_into_the_leading_system_message() -> None:
-    merged = with_system_instruction([{"role": "system", "content": "be brief"}], "call a tool")
-    assert merged == [{"role": "system", "content": "be brief\n\ncall a tool"}]
-    added = with_system_instruction([{"role": "user", "content": "hi"}], "call a tool")
-    assert added[0] == {"role": "system", "content": "call a tool"}
-
-
-# -- tool-call parsing ------------------------------------------------------------------------
-
-
-def test_parses_hermes_tagged_calls_and_strips_them_from_content() -> None:
-    text = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-    parsed = parse_tool_calls(text, ["get_weather"])
-    assert parsed.content == "Checking."
-    assert [(c["name"], c["args"]) for c in parsed.tool_calls] == [("get_weather", {"city": "Paris"})]
-    assert parsed.tool_calls[0]["id"].startswith("call_")
-    assert parsed.invalid_tool_calls == []
-
-
-def test_parses_several_tags_string_arguments_and_an_unclosed_last_tag() -> None:
-    text = (
-        '<tool_call>{"name": "a", "arguments": "{\\"x\\": 1}"}</tool_call>\n'
-        '<tool_call>{"name": "b", "parameters": {"y": 2}}'
-    )
-    parsed = parse_tool_calls(text, ["a", "b"])
-    assert [(c["name"], c["args"]) for c in parsed.tool_calls] == [("a", {"x": 1}), ("b", {"y": 2})]
-
-
-def test_parses_json_fences_and_bare_json() -> None:
-    fenced = 'Sure:\n```json\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n```'
-    parsed = parse_tool_calls(fenced, ["get_weather"])
-    assert parsed.tool_calls[0]["args"] == {"city": "Oslo"} and parsed.content == "Sure:"
-    bare = 'I will call {"name": "get_weather", "arguments": {"city": "Rome"}} now'
-    assert parse_tool_calls(bare, ["get_weather"]).tool_calls[0]["args"] == {"city": "Rome"}
-    openai_style = '{"function": {"name": "get_weather", "arguments": {"city": "Bern"}}}'
-    assert parse_tool_calls(openai_style, ["get_weather"]).tool_calls[0]["args"] == {"city": "Bern"}
-
-
-def test_unparsable_or_unknown_tagged_calls_become_invalid_tool_calls() -> None:
-    parsed = parse_tool_calls(
-        '<tool_call>{"name": "get_weather", "arguments": {"ci</tool_call>', ["get_weather"]
-    )
-    assert parsed.tool_calls == [] and len(parsed.invalid_tool_calls) == 1
-    assert "not JSON" in parsed.invalid_tool_calls[0]["error"]
-    unknown = parse_tool_calls('<tool_call>{"name": "launch", "arguments": {}}</tool_call>', ["get_weather"])
-    assert unknown.invalid_tool_calls[0]["name"] == "launch"
-    assert "unknown tool" in unknown.invalid_tool_calls[0]["error"]
-    bad_args = parse_tool_calls(
-        '<tool_call>{"name": "get_weather", "arguments": [1]}</tool_call>', ["get_weather"]
-    )
-    assert "JSON object" in bad_args.invalid_tool_calls[0]["error"]
-
-
-def test_identical_repeated_calls_are_merged() -> None:
+def test_parsed_answer_maps_to_langchain_tool_calls() -> None:
+    # What counts as a call is specfuse.tool_calls' business (test_tool_calls.py); here only the mapping.
     call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
-    other = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
-    parsed = parse_tool_calls(call + call + other, ["get_weather"])
-    assert [c["args"]["city"] for c in parsed.tool_calls] == ["Paris", "Rome"]
-
-
-def test_no_argument_calls_parse_to_empty_args() -> None:
-    for text in (
-        '<tool_call>{"name": "ping", "arguments": {}}</tool_call>',
-        '<tool_call>{"name": "ping"}</tool_call>',
-        '{"name": "ping", "arguments": "{}"}',
-    ):
-        parsed = parse_tool_calls(text, ["ping"], forced="ping")
-        assert [(c["name"], c["args"]) for c in parsed.tool_calls] == [("ping", {})], text
+    text = call + "<tool_call>{bad</tool_call>"
+    parsed = to_langchain_output(parse_tool_calls(text, ["get_weather"]))
+    assert parsed.content == ""
+    [call] = parsed.tool_calls
+    assert (call["name"], call["args"], call["type"]) == ("get_weather", {"city": "Paris"}, "tool_call")
+    [bad] = parsed.invalid_tool_calls
+    assert bad["type"] == "invalid_tool_call" and bad["args"] == "{bad" and "not JSON" in (bad["error"] or "")
 
 
 def test_unicode_arguments_survive_parsing_and_streaming() -> None:
     text = '<tool_call>{"name": "unicode_customer", "arguments": {"customer_name": "你好啊集团"}}</tool_call>'
-    call = parse_tool_calls(text, ["unicode_customer"]).tool_calls[0]
+    call = to_langchain_output(parse_tool_calls(text, ["unicode_customer"])).tool_calls[0]
     assert call["args"] == {"customer_name": "你好啊集团"}
     # The last streamed chunk carries the call as a tool_call_chunk, as ChatSpecFuse._chunk builds it.
     chunk = AIMessageChunk(
@@ -179,54 +116,6 @@ def test_unicode_arguments_survive_parsing_and_streaming() -> None:
     )
     full = AIMessageChunk(content="こんにちは") + chunk
     assert full.tool_calls[0]["args"] == {"customer_name": "你好啊集团"}
-
-
-def test_plain_prose_and_non_call_json_are_left_alone() -> None:
-    text = 'The config is {"debug": true}.'
-    parsed = parse_tool_calls(text, ["get_weather"])
-    assert parsed.content == text and parsed.tool_calls == [] and parsed.invalid_tool_calls == []
-
-
-def test_forced_tool_takes_a_bare_argument_object_only_when_it_is_the_whole_answer() -> None:
-    assert parse_tool_calls('{"city": "Lima"}', ["get_weather"], forced="get_weather").tool_calls[0][
-        "args"
-    ] == {"city": "Lima"}
-    # A misnamed call of the forced tool (the model wrote the "name" argument there).
-    misnamed = parse_tool_calls(
-        '{"name": "Ada", "arguments": {"name": "Ada", "age": 36}}', ["Person"], "Person"
-    )
-    assert [(c["name"], c["args"]) for c in misnamed.tool_calls] == [("Person", {"name": "Ada", "age": 36})]
-    assert parse_tool_calls('{"name": "Ada", "arguments": {"age": 36}}', ["Person"]).tool_calls == []
-    # Nested objects of a truncated call are not arguments.
-    cut = '{"name": "get_weather", "arguments": {"city": {"type": "string"}'
-    assert parse_tool_calls(cut, ["get_weather"], forced="get_weather").tool_calls == []
-
-
-def test_tool_choice_instruction_shows_the_call_shape() -> None:
-    tools = [
-        {"type": "function", "function": {"name": "a", "parameters": {"properties": {"x": {}}}}},
-        {"type": "function", "function": {"name": "b", "parameters": {"properties": {}}}},
-    ]
-    assert tool_choice_instruction(None, tools) is None
-    assert tool_choice_instruction("auto", tools) is None
-    only_b = tool_choice_instruction("b", tools)
-    assert only_b is not None and '"name": "b"' in only_b and '"name": "a"' not in only_b
-    anyone = tool_choice_instruction("any", tools)
-    assert anyone is not None and '{"x": "..."}' in anyone and "one of the tools" in anyone
-    typed = [
-        {
-            "type": "function",
-            "function": {"name": "f", "parameters": {"properties": {"n": {"type": "integer"}}}},
-        }
-    ]
-    shown = tool_choice_instruction("f", typed)
-    assert shown is not None and '<tool_call>{"name": "f", "arguments": {"n": 1}}</tool_call>' in shown
-
-
-def test_extract_json_unwraps_fences_and_prose() -> None:
-    assert extract_json('Here:\n```json\n{"a": 1}\n```') == '{"a": 1}'
-    assert extract_json('Sure! {"a": [1, 2]} Hope it helps') == '{"a": [1, 2]}'
-    assert extract_json("no json at all") == "no json at all"
 
 
 # -- settings, serialisation, tools binding ----------------------------------------------------------
@@ -310,7 +199,7 @@ def test_bind_tools_converts_tools_and_checks_tool_choice() -> None:
     assert [t["function"]["name"] for t in kwargs["tools"]] == ["get_weather", "Person"]
     assert kwargs["tool_choice"] == "Person"
     assert llm.bind_tools([get_weather], tool_choice=True).kwargs["tool_choice"] == "any"  # type: ignore[attr-defined]
-    with pytest.raises(ValueError, match="not among the bound tools"):
+    with pytest.raises(ConfigError, match="not among the tools"):
         llm.bind_tools([get_weather], tool_choice="nope")
 
 

@@ -94,9 +94,9 @@ def test_structured_predict_validates(rag_llm: SpecFuseLLM) -> None:
 
 
 def test_schema_echoed_arguments_are_unwrapped_but_real_ones_kept() -> None:
-    from llama_index_specfuse.base import _unwrap_schema_echo
+    from specfuse.tool_calls import unwrap_schema_echo
 
-    spec: dict[str, Any] = {"parameters": {"properties": {"name": {}, "country": {}}}}
-    assert _unwrap_schema_echo({"properties": {"name": "Lisbon"}}, spec) == {"name": "Lisbon"}
-    real = {"parameters": {"properties": {"properties": {}}}}
-    assert _unwrap_schema_echo({"properties": {"k": 1}}, real) == {"properties": {"k": 1}}
+    params: dict[str, Any] = {"properties": {"name": {}, "country": {}}}
+    assert unwrap_schema_echo({"properties": {"name": "Lisbon"}}, params) == {"name": "Lisbon"}
+    real = {"properties": {"properties": {}}}
+    assert unwrap_schema_echo({"properties": {"k": 1}}, real) == {"properties": {"k": 1}}

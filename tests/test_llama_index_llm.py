@@ -21,7 +21,7 @@ from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.tools import FunctionTool
 
 from llama_index_specfuse import SpecFuseLLM, to_specfuse_messages
-from specfuse import DEFAULT_LOCAL_MODELS, FusionResult, FusionTrace, SpecFuse, Usage
+from specfuse import DEFAULT_LOCAL_MODELS, FusionResult, FusionTrace, SpecFuse, ToolCallError, Usage
 
 MAX_TOKENS = 12
 PROMPT = "Name two colours."
@@ -222,7 +222,7 @@ def test_engine_is_built_once_and_kept() -> None:
 def test_constructors_need_no_model_load(tmp_path: Any) -> None:
     local = SpecFuseLLM.local(["smollm2-135m", "gemma3-270m"], max_tokens=8, segment_tokens=4)
     assert [m.model for m in local.ensemble.members] == ["smollm2-135m", "gemma3-270m"]
-    assert local.max_tokens == 8 and local.ensemble.fusion.segment_tokens == 4
+    assert local.max_tokens == 8 and local.segment_tokens == 4 and local._settings().segment_tokens == 4
     assert tuple(m.model for m in SpecFuseLLM().ensemble.members) == DEFAULT_LOCAL_MODELS
     remote = SpecFuseLLM.from_members(
         [{"model": "a", "backend": "tgi", "urls": "http://localhost:1"}, "smollm2-135m"], temperature=0.0
@@ -237,12 +237,11 @@ def test_constructors_need_no_model_load(tmp_path: Any) -> None:
 
 async def test_metadata_inside_a_running_loop_does_not_load_models() -> None:
     llm = SpecFuseLLM.local(["smollm2-135m"], max_tokens=7)
-    started = time.perf_counter()
     meta = llm.metadata
-    assert time.perf_counter() - started < 0.5
-    # An estimate from the model registry until an async call has measured the real window.
+    # The engine's estimate from the model registry until an async call has measured the real window.
+    assert meta.context_window == llm.engine.usable_window(measure=False)
     assert 4096 < meta.context_window < 8192 and meta.num_output == 7
-    assert llm._fuse is None
+    assert not llm.engine.started
 
 
 # -- tool plumbing (no model) --------------------------------------------------------
@@ -259,13 +258,14 @@ def test_prepare_chat_with_tools_and_parse_the_calls() -> None:
     kwargs = llm._prepare_chat_with_tools([tool], user_msg="2 times 3?", tool_required=True)
     assert kwargs["messages"][-1].content == "2 times 3?"
     assert kwargs["tools"][0]["function"]["name"] == "multiply"
-    assert kwargs["forced_tool"] == "multiply" and "must call" in kwargs["tool_instruction"]
+    call = llm._request(kwargs.pop("messages"), kwargs)
+    assert call.plan.forced == "multiply" and "must answer by calling" in call.messages[0]["content"]
 
     response = llm._chat_response(
         text="",
         delta=None,
         result=_result('<tool_call>{"name": "multiply", "arguments": {"a": 2, "b": 3}}</tool_call>'),
-        kwargs=kwargs,
+        plan=call.plan,
     )
     assert response.message.content == ""  # the call markup is not prose
     [selection] = llm.get_tool_calls_from_response(response)
@@ -277,7 +277,7 @@ def test_no_tool_call_raises_only_when_asked() -> None:
     llm = SpecFuseLLM.local(["smollm2-135m"])
     response = ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content="six"))
     assert llm.get_tool_calls_from_response(response, error_on_no_tool_call=False) == []
-    with pytest.raises(ValueError, match="no"):
+    with pytest.raises(ToolCallError, match="no"):
         llm.get_tool_calls_from_response(response)
 
 
