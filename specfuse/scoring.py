@@ -1,4 +1,4 @@
-"""The fusion math, as pure functions (DESIGN.md section 1).
+"""The fusion math, as pure functions (docs/design.md, "The algorithm").
 
 No I/O and no models here: every function maps numbers to numbers, so each
 step of a round can be checked by hand. Candidates and members are identified
@@ -15,13 +15,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 Matrix = Mapping[str, Mapping[str, float]]
-
-
-def mean_logprob(token_logprobs: Sequence[float]) -> float:
-    """s_v(c): mean log-prob per covering token. A candidate with no tokens is impossible."""
-    if not token_logprobs:
-        raise ValueError("a candidate must cover at least one token")
-    return sum(token_logprobs) / len(token_logprobs)
 
 
 def softmax(values: Mapping[str, float], tau: float = 1.0) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Shared fixtures of the reliability tests (issue 7).
+"""Shared fixtures of the reliability tests (docs/design.md, "Reliability").
 
 One real `specfuse serve` (smollm2-135m, TGI protocol, prefill log-probs on)
 sits behind two fault-injecting proxies; the ensemble has two members, `a`

@@ -80,3 +80,21 @@ def test_config_file_is_used(tmp_path: Path) -> None:
     assert data["trace"]["summary"]["completion_tokens"] <= 8
     # a single drafter continues alone, without verification
     assert all(r["skipped_verification"] for r in data["trace"]["rounds"])
+
+
+def test_without_the_cli_extra_the_command_says_what_to_install() -> None:
+    # rich comes with the `cli` extra; hide it as an install without that extra would.
+    hide = "import sys; sys.modules['rich'] = None; "
+    code = hide + "from specfuse.cli import main; sys.exit(main(['models', 'list']))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "pip install 'specfuse[cli]'" in proc.stderr and "Traceback" not in proc.stderr
+    # The library itself never needs rich.
+    library = hide + "import specfuse, specfuse.tool_calls, specfuse.errors"
+    assert subprocess.run([sys.executable, "-c", library], timeout=120).returncode == 0

@@ -13,7 +13,7 @@ from specfuse.errors import ModelNotAvailableError
 def test_defaults_are_the_designs_except_the_benchmarked_exit_knobs() -> None:
     s = FusionSettings()
     assert (s.segment_tokens, s.temperature, s.top_p, s.tau, s.self_verify) == (10, 0.6, 0.9, 1.0, True)
-    # Exit knobs: chosen by benchmarks/ifeval (RESULTS.md), not DESIGN's starting values.
+    # Exit knobs: chosen by benchmarks/ifeval (RESULTS.md), not the paper-era starting values.
     assert (s.exit_warmup, s.exit_ratio, s.exit_temperature, s.min_active) == (4, 0.5, 0.1, 1)
 
 

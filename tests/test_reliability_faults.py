@@ -1,6 +1,6 @@
 """Faults on the wire, against a real `specfuse serve` behind a fault-injecting proxy.
 
-The fault matrix of issue 7: for each fault on member `b`'s proxy we assert
+The fault matrix (docs/design.md, "Reliability"): for each fault on member `b`'s proxy we assert
 what the ensemble must do -- retry where it is safe, otherwise go on with
 member `a` and record b's failure in the trace; leave a straggler out of a
 round at `round_deadline`; raise one clear AllMembersFailedError when every

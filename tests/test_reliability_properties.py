@@ -4,7 +4,7 @@ The alignment decides which prompt log-probs score a candidate, so an
 off-by-one silently changes every verdict. We check it against the truth
 computed from a real tokenizer (smollm2-135m, byte-level BPE): each token's
 raw bytes give its exact byte span, and the covering tokens are those whose
-span ends after the context (DESIGN.md section 1). Token texts are produced
+span ends after the context (docs/design.md, "The algorithm"). Token texts are produced
 the way a server produces them -- each token decoded alone, so a token that
 holds part of a multi-byte character comes back as U+FFFD.
 """
@@ -146,7 +146,7 @@ def test_covering_count_matches_the_true_token_spans(context: str, cand: str) ->
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known limit (issue 7 finding): when the context ends inside a run of tokens that each decode "
+    reason="known limit: when the context ends inside a run of tokens that each decode "
     "to U+FFFD, covering_count apportions the run by bytes and can be off by one or two tokens; an exact "
     "answer needs the token ids or the server's /tokenize offsets",
 )

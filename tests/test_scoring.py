@@ -12,13 +12,6 @@ import pytest
 from specfuse import scoring
 
 
-def test_mean_logprob_is_per_token_mean() -> None:
-    # (-1 - 2 - 3) / 3 = -2
-    assert scoring.mean_logprob([-1.0, -2.0, -3.0]) == pytest.approx(-2.0)
-    with pytest.raises(ValueError):
-        scoring.mean_logprob([])
-
-
 def test_softmax_two_candidates() -> None:
     # p_a = e^-1 / (e^-1 + e^-2) = 1 / (1 + e^-1) = 0.7310585786
     p = scoring.softmax({"a": -1.0, "b": -2.0})

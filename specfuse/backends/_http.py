@@ -327,7 +327,8 @@ def covering_count(full_text: str, context_length: int, token_texts: Sequence[st
         run = i - j
         anchor = (token_texts[j] or "").encode("utf-8") if j >= 0 else b""
         # A partial token may also hold whole characters (" \ufffd" is a space and a
-        # lead byte): the run is at least those bytes plus one per U+FFFD (issue 7).
+        # lead byte): the run is at least those bytes plus one per U+FFFD
+        # (docs/design.md, "Reliability", token alignment).
         least = sum(
             len(t.replace("\ufffd", "").encode("utf-8")) + t.count("\ufffd")
             for t in (token_texts[k] or "" for k in range(j + 1, i + 1))

@@ -97,7 +97,7 @@ class RemoteBackend(Backend):
         """
 
         async def one(call: Awaitable[T]) -> tuple[T | Exception, int]:
-            # Failures too carry their attempt count out of the task (issue 7: a score
+            # Failures too carry their attempt count out of the task (otherwise a score
             # call that failed after 3 attempts was recorded with attempts=1); and
             # every call is awaited, so none is left running after a sibling failed.
             try:

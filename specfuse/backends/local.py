@@ -233,7 +233,7 @@ class LocalBackend(Backend):
                     break
                 if len(out) >= max_tokens and not text.endswith("\ufffd"):
                     break
-                logits = self._forward(loaded, [token], cache, len(fed))
+                logits = self._forward(loaded, [token], cache)
                 fed.append(token)
             self._keep(cache, fed)
         if text.endswith("\ufffd"):
@@ -312,10 +312,10 @@ class LocalBackend(Backend):
         reuse = self._kv.reusable_prefix(ids) if self.kv_cache else 0
         reuse = min(reuse, len(ids) - 1)  # at least one token must run to get logits
         cache = self._kv.view(reuse)
-        logits = self._forward(loaded, ids[reuse:], cache, reuse)
+        logits = self._forward(loaded, ids[reuse:], cache)
         return logits, cache, list(ids)
 
-    def _forward(self, loaded: LoadedModel, ids: list[int], cache: DynamicCache, _past: int) -> torch.Tensor:
+    def _forward(self, loaded: LoadedModel, ids: list[int], cache: DynamicCache) -> torch.Tensor:
         out = loaded.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True)
         return out.logits[0, -1].float()
 
