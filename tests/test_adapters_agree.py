@@ -231,6 +231,7 @@ def test_a_real_fusion_gives_the_same_call_through_either_framework() -> None:
     message = lc.bind_tools([SPECS[0]], tool_choice="get_weather").invoke(prompt)
     response = li.chat_with_tools([TOOLS[0]], user_msg=prompt, tool_choice="get_weather")
     selections = li.get_tool_calls_from_response(response, error_on_no_tool_call=False)
-    lc_calls = [(c["name"], c["args"]) for c in message.tool_calls]
-    assert lc_calls == [(s.tool_name, s.tool_kwargs) for s in selections]
-    assert lc_calls == [("get_weather", {"city": "Paris"})]
+    # One engine, one prompt, one tool, greedy: the same fused text, so the same calls.
+    assert [(c["name"], c["args"]) for c in message.tool_calls] == [
+        (s.tool_name, s.tool_kwargs) for s in selections
+    ]
