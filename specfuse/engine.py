@@ -195,9 +195,10 @@ class SpecFuse:
         started = time.perf_counter()
         info = await backend.info()
         if "verify" in config.roles and not info.can_score:
+            why = info.extra.get("cannot_score")
             raise CapabilityError(
                 "this server cannot return prompt log-probs, so the member cannot verify; "
-                "give it roles=['draft']",
+                "give it roles=['draft']" + (f" ({why})" if why else ""),
                 member=config.display_name,
                 endpoint=backend.endpoint,
             )

@@ -83,7 +83,12 @@ def error_from_status(status: int, body: str, headers: httpx.Headers | dict[str,
 
         data = json.loads(body)
         if isinstance(data, dict):
-            detail = str(data.get("error") or data.get("message") or data.get("detail") or detail)
+            found = data.get("error") or data.get("message") or data.get("detail") or detail
+            # OpenAI-style servers (vLLM's ErrorResponse, vllm/entrypoints/serve/engine/
+            # protocol.py) nest it: {"error": {"message": ..., "type": ..., "code": ...}}.
+            if isinstance(found, dict) and found.get("message"):
+                found = found["message"]
+            detail = str(found)
     except ValueError:
         pass
     detail = detail[:500]
