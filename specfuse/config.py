@@ -147,6 +147,17 @@ class MemberConfig(BaseModel):
     roles: frozenset[Role] = frozenset({"draft", "verify"})
     weight: Annotated[float, Field(gt=0.0)] = 1.0
     template: TemplateKind = "auto"
+    tokenizer: str | None = Field(
+        default=None,
+        description=(
+            "A remote member's tokenizer: a local short name or directory whose chat template "
+            "and BOS/EOS texts are used. Defaults to `model` when that names a local model."
+        ),
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description="A remote member's Jinja chat template (the text); used before any other.",
+    )
     dtype: Literal["float32", "bfloat16"] = "float32"
     kv_cache: bool = True
     timeout: Annotated[float, Field(gt=0.0, description="Per-call timeout in seconds.")] = 60.0
@@ -176,6 +187,12 @@ class MemberConfig(BaseModel):
             raise ValueError("a local member takes no urls; set backend='tgi', 'vllm' or 'sglang'")
         if self.backend != "local" and not self.urls:
             raise ValueError(f"a {self.backend} member needs at least one url")
+        if self.backend == "local" and (self.tokenizer is not None or self.chat_template is not None):
+            raise ValueError(
+                "tokenizer= and chat_template= are for remote members; a local member uses its model's own"
+            )
+        if self.template in ("plain", "server") and self.chat_template is not None:
+            raise ValueError(f"chat_template= contradicts template={self.template!r}; drop one of them")
         return self
 
     @property

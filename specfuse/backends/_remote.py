@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -25,9 +27,14 @@ from specfuse.backends._http import (
 )
 from specfuse.backends.base import Backend, BackendInfo, CandidateScore
 from specfuse.config import MemberConfig
-from specfuse.errors import BackendError
+from specfuse.errors import BackendError, ConfigError
 
 T = TypeVar("T")
+
+#: Members probe concurrently, each loading its tokenizer in a worker thread; two
+#: threads resolving transformers' lazy `AutoTokenizer` at once can fail with
+#: "cannot import name 'AutoTokenizer'" (a member then silently lost its EOS text).
+_TOKENIZER_LOCK = threading.Lock()
 
 _FIRST_SPECIAL = re.compile(r"^\s*(<[^<>\s]{1,40}>|</s>)")
 
@@ -48,6 +55,8 @@ class RemoteBackend(Backend):
         self.model = member.model
         self.urls = [u.rstrip("/") for u in member.urls]
         self.template = member.template
+        self.tokenizer_name = member.tokenizer
+        self.chat_template = member.chat_template
         self.timeout = member.timeout
         # The secret stays inside this object; only token_for() reads it, per URL.
         self._api_key = member.api_key.get_secret_value() if member.api_key is not None else None
@@ -59,6 +68,7 @@ class RemoteBackend(Backend):
         self._info: BackendInfo | None = None
         self._tokenizer: Any = None
         self._tokenizer_checked = False
+        self._warned_no_template = False
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -115,23 +125,72 @@ class RemoteBackend(Backend):
     # -- prompts ----------------------------------------------------------------------
 
     def local_tokenizer(self) -> Any:
-        """The model's tokenizer when `model` names a local model or directory, else None.
+        """The tokenizer the member names (`tokenizer=`, else `model` when it is local), or None.
 
         It gives the chat template (and end-of-sequence text) without a server
-        round trip; template='server' skips it.
+        round trip; template='server' skips it. A tokenizer named explicitly
+        must load: failing to would silently change the prompts.
         """
+        with _TOKENIZER_LOCK:
+            return self._load_local_tokenizer()
+
+    def _load_local_tokenizer(self) -> Any:
         if not self._tokenizer_checked:
             self._tokenizer_checked = True
-            if self.template != "server":
+            from transformers import AutoTokenizer
+
+            from specfuse.models import resolve_model_path
+
+            if self.tokenizer_name is not None:
                 try:
-                    from transformers import AutoTokenizer
-
-                    from specfuse.models import resolve_model_path
-
+                    self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_name))
+                except Exception as exc:
+                    raise ConfigError(
+                        f"member {self.member_name!r}: cannot load tokenizer {self.tokenizer_name!r}: "
+                        f"{exc}; name a local model or a directory holding a tokenizer"
+                    ) from None
+            elif self.template != "server":
+                try:
                     self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.model))
                 except Exception:  # not a local model: the server's template is used instead
                     self._tokenizer = None
         return self._tokenizer
+
+    def render_locally(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None,
+        add_generation_prompt: bool,
+    ) -> str | None:
+        """The chat rendered here: the member's own chat_template, else its local tokenizer's.
+
+        None when neither exists (the server's rendering is asked for next).
+        """
+        if self.template == "server":
+            return None
+        tok = self.local_tokenizer()
+        template = self.chat_template or (tok.chat_template if tok is not None else None)
+        if not template:
+            return None
+        if tok is not None:
+            return str(
+                tok.apply_chat_template(
+                    list(messages),
+                    tools=list(tools) if tools else None,
+                    chat_template=template,
+                    tokenize=False,
+                    add_generation_prompt=add_generation_prompt,
+                )
+            )
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, _ = render_jinja_template(
+            [list(messages)],
+            tools=list(tools) if tools else None,
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+        )
+        return str(rendered[0])
 
     async def render_chat(
         self,
@@ -140,15 +199,12 @@ class RemoteBackend(Backend):
         *,
         add_generation_prompt: bool = True,
     ) -> str | None:
-        tok = await asyncio.to_thread(self.local_tokenizer)
-        if tok is not None and tok.chat_template:
-            return tok.apply_chat_template(
-                list(messages),
-                tools=list(tools) if tools else None,
-                tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-            )
+        local = await asyncio.to_thread(self.render_locally, messages, tools, add_generation_prompt)
+        if local is not None:
+            return local
         rendered = await self.server_chat_template(messages, tools)
+        if rendered is None:
+            self.warn_no_template()
         if rendered is None or add_generation_prompt:
             return rendered
         # Servers always add the generation prompt. Without one, only what ends the
@@ -159,6 +215,23 @@ class RemoteBackend(Backend):
             return rendered
         marker = _FIRST_SPECIAL.match(after)
         return head + last + (marker.group(0) if marker else after)
+
+    def warn_no_template(self) -> None:
+        """Say so when the plain template will be used only because no chat template was found.
+
+        A local tokenizer without a chat template means a base model: nothing
+        to warn about. Without one, an instruct model behind a server would be
+        prompted as a base model, answer worse, and nothing else would say why.
+        """
+        if self._tokenizer is None and self.template == "auto" and not self._warned_no_template:
+            self._warned_no_template = True
+            warnings.warn(
+                f"member {self.member_name!r}: no chat template from a local tokenizer or from "
+                f"{self.endpoint}; using the plain 'User:/Assistant:' template. Name one with "
+                "tokenizer= or chat_template=, or set template='plain' if that is intended",
+                UserWarning,
+                stacklevel=2,
+            )
 
     async def server_chat_template(
         self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None
