@@ -31,6 +31,8 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 
 from tests.remote_fixtures import free_port
 
@@ -217,8 +219,6 @@ class ShimServer:
 
     def __init__(self, upstream: str, refuse: Refusal) -> None:
         import uvicorn
-        from fastapi import FastAPI, Request
-        from fastapi.responses import JSONResponse, Response
 
         self.upstream = upstream
         self.port = free_port()
@@ -233,7 +233,9 @@ class ShimServer:
             if answer is not None:
                 self.refused.append(("/" + path, body))
                 return JSONResponse(answer[1], status_code=answer[0])
-            headers = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+            headers = {
+                k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")
+            }
             async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
                 upstream_reply = await client.request(
                     request.method, f"{self.upstream}/{path}", content=raw, headers=headers
