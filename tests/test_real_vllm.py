@@ -165,10 +165,12 @@ def test_greedy_fusion_equals_in_process(real_vllm: VLLMServer) -> None:
     print(f"\nfused text: {result.text!r}")
     assert result.text == reference.text
     assert [r.winner for r in result.trace.rounds] == [r.winner for r in reference.trace.rounds]
+    # A round's candidate may be one or two tokens long, so its mean is bounded
+    # like a single token's (measured here: 0.24 at most).
     for got, want in zip(result.trace.rounds, reference.trace.rounds, strict=True):
         for verifier, row in want.scores.items():
             for candidate, score in row.items():
-                assert abs(got.scores[verifier][candidate] - score) <= SCORE_TOLERANCE
+                assert abs(got.scores[verifier][candidate] - score) <= TOKEN_TOLERANCE
 
 
 def test_sampled_drafts_are_seeded(real_vllm: VLLMServer, chat_context: str) -> None:
