@@ -209,7 +209,7 @@ def test_tgi_without_prefill_logprobs_says_how_to_fix(server_pool):  # noqa: F81
 
 async def test_serve_api_key_and_concurrency_limit():
     """--api-key demands the Bearer token; past --max-concurrent-requests TGI answers 429, not a queue."""
-    from specfuse.serve import ServeOptions, build_app
+    from specfuse.devserver import ServeOptions, build_app
 
     app = build_app(ServeOptions(model="smollm2-135m", api_key="k3y", max_concurrent_requests=1))
     transport = httpx.ASGITransport(app=app)

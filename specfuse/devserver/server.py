@@ -726,13 +726,7 @@ def register(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m specfuse.serve")
+    parser = argparse.ArgumentParser(prog="python -m specfuse.devserver")
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
-
-if __name__ == "__main__":
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    raise SystemExit(main())
