@@ -357,7 +357,19 @@ def _run_start(data: bytes, end: int, least: int, anchor: bytes, head: bytes = b
         if (
             (start == len(data) or (data[start] & 0xC0) != 0x80)
             and data.startswith(head, start)
-            and (not anchor or data[:start].endswith(anchor) or data[:start].endswith(anchor.lstrip(b" ")))
+            and _ends_with_anchor(data[:start], anchor)
         ):
             return start
     return max(0, end - least * 4)
+
+
+def _ends_with_anchor(prefix: bytes, anchor: bytes) -> bool:
+    """prefix ends with the clean token before a partial run (or with it minus a decoder's leading space).
+
+    A whitespace-only anchor (" ") stripped of its space is empty, and every
+    prefix ends with b"": that once let a run start in the wrong place.
+    """
+    if not anchor or prefix.endswith(anchor):
+        return True
+    stripped = anchor.lstrip(b" ")
+    return bool(stripped) and prefix.endswith(stripped)
