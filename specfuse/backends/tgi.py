@@ -22,7 +22,7 @@ from typing import Any
 from specfuse.backends._http import RemoteError, RetryableError, error_from_status
 from specfuse.backends._remote import RemoteBackend, cut_at_stop
 from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling
-from specfuse.errors import CapabilityError
+from specfuse.errors import CapabilityError, ConfigError
 
 _FINISH: dict[str, FinishReason] = {"length": "length", "eos_token": "eos", "stop_sequence": "stop"}
 
@@ -34,6 +34,7 @@ class TGIBackend(RemoteBackend):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        _httpx2()  # fail at configuration time, not on the first request
         self._hub_clients: dict[tuple[int, str], tuple[asyncio.AbstractEventLoop, Any]] = {}
         self._max_stops = 4
 
@@ -174,6 +175,24 @@ class TGIBackend(RemoteBackend):
         await super().aclose()
 
 
+def _httpx2() -> Any:
+    """The httpx2 module that huggingface_hub >= 2.0 is built on, or a ConfigError saying how to get it."""
+    try:
+        import httpx2
+    except ImportError:
+        try:
+            from importlib.metadata import version
+
+            found = f"huggingface_hub {version('huggingface_hub')} is installed"
+        except Exception:  # not installed at all, or no metadata
+            found = "huggingface_hub is not installed"
+        raise ConfigError(
+            f"the TGI backend needs huggingface_hub >= 2.0 (which brings httpx2), but {found}: "
+            "run `pip install -U 'huggingface_hub>=2.0,<3'`"
+        ) from None
+    return httpx2
+
+
 def _session(client: Any) -> Any:
     """The HTTP session of one AsyncInferenceClient.
 
@@ -182,7 +201,7 @@ def _session(client: Any) -> Any:
     user configured; it also follows redirects (carrying the token along) and
     reads proxy settings from the environment. This session does neither.
     """
-    import httpx2
+    httpx2 = _httpx2()
     from huggingface_hub.utils._http import async_hf_response_event_hook
 
     session = httpx2.AsyncClient(
@@ -197,7 +216,7 @@ def _session(client: Any) -> Any:
 
 def _as_remote_error(exc: BaseException) -> BaseException:
     """huggingface_hub / httpx2 exceptions -> specfuse's (retryable or not), keeping the server's message."""
-    import httpx2
+    httpx2 = _httpx2()
 
     if isinstance(exc, RemoteError):
         return exc
