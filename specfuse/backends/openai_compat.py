@@ -99,6 +99,11 @@ class VLLMBackend(RemoteBackend):
     async def _score_one(self, context: str, candidate: str) -> CandidateScore:
         full = context + candidate
         body = self._body(full, max_tokens=0, echo=True, logprobs=1, temperature=0.0)
+        # With a local tokenizer to align on, ask for token ids instead of per-token texts
+        # ("token_id:N"; vLLM entrypoints/openai/protocol.py, return_tokens_as_token_ids).
+        by_ids = await asyncio.to_thread(self.alignment_tokenizer) is not None
+        if by_ids:
+            body["return_tokens_as_token_ids"] = True
         data = await self.call(
             "POST /v1/completions (echo)", lambda url: self._post(url, "/v1/completions", body)
         )
@@ -110,7 +115,8 @@ class VLLMBackend(RemoteBackend):
                 member=self.member_name,
                 endpoint=self.endpoint,
             )
-        return self.pick_covering(full, len(context), tokens, values)
+        ids = _token_ids(tokens) if by_ids else None
+        return await self.pick_covering(full, len(context), tokens, values, ids)
 
     async def count_tokens(self, text: str) -> int:
         try:
@@ -124,3 +130,14 @@ class VLLMBackend(RemoteBackend):
                 "POST /v1/completions", lambda url: self._post(url, "/v1/completions", body)
             )
             return int(data["usage"]["prompt_tokens"])
+
+
+def _token_ids(tokens: Sequence[str]) -> list[int] | None:
+    """Ids from vLLM's "token_id:N" strings, or None if the server ignored the request for them."""
+    ids = []
+    for token in tokens:
+        head, _, number = str(token).partition("token_id:")
+        if head or not number.isdigit():
+            return None
+        ids.append(int(number))
+    return ids

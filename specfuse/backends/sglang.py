@@ -40,6 +40,9 @@ class SGLangBackend(RemoteBackend):
         data = await self.call(
             "GET /get_model_info", lambda url: self._post(url, "/get_model_info", None, method="GET")
         )
+        server = await self.call(
+            "GET /get_server_info", lambda url: self._post(url, "/get_server_info", None, method="GET")
+        )
         probe = await self._generate(
             {
                 "text": "Hello world",
@@ -51,13 +54,13 @@ class SGLangBackend(RemoteBackend):
         )
         lps = (probe.get("meta_info") or {}).get("input_token_logprobs") or []
         extras = await asyncio.to_thread(self.text_extras)
-        window = data.get("context_length") or data.get("max_total_num_tokens")
+        window = context_window(server)
         self._info = BackendInfo(
             model_id=str(data.get("model_path") or self.model),
             context_window=int(window) if window else None,
             can_score=any(row and row[0] is not None for row in lps),
             concurrent_calls=True,
-            extra={**extras, "replicas": len(self.urls)},
+            extra={**extras, "replicas": len(self.urls), "version": server.get("version")},
         )
         return self._info
 
@@ -68,7 +71,9 @@ class SGLangBackend(RemoteBackend):
         if sampling.temperature > 0:
             params["top_p"] = sampling.top_p
             if sampling.seed is not None:
-                params["seed"] = sampling.seed
+                # SGLang's name; an unknown field such as `seed` fails the whole request
+                # (python/sglang/srt/sampling/sampling_params.py, SamplingParams).
+                params["sampling_seed"] = sampling.seed
         if stop:
             params["stop"] = list(stop)
         data = await self._generate({"text": context, "sampling_params": params, "return_logprob": True})
@@ -119,7 +124,31 @@ class SGLangBackend(RemoteBackend):
             "POST /generate (logprobs)",
         )
         rows = (data.get("meta_info") or {}).get("input_token_logprobs") or []
-        return self.pick_covering(full, len(context), [r[2] for r in rows], [r[0] for r in rows])
+        return await self.pick_covering(
+            full, len(context), [r[2] for r in rows], [r[0] for r in rows], [int(r[1]) for r in rows]
+        )
 
     async def count_tokens(self, text: str) -> int:
         return await self._count_context(text)
+
+
+def context_window(server_info: dict[str, Any]) -> int | None:
+    """The longest input an SGLang server accepts, from GET /get_server_info.
+
+    /get_model_info carries no length at all (model_path, tokenizer_path,
+    is_generation). /get_server_info is the ServerArgs (whose `context_length`
+    is null unless set on the command line) merged with the scheduler's info,
+    whose `max_req_input_len` is the limit the server enforces; newer versions
+    nest the scheduler's part in `internal_states` (python/sglang/srt/entrypoints/
+    http_server.py, get_server_info).
+    """
+    states = server_info.get("internal_states")
+    nested = states[0] if isinstance(states, list) and states and isinstance(states[0], dict) else {}
+    for value in (
+        server_info.get("max_req_input_len"),
+        nested.get("max_req_input_len"),
+        server_info.get("context_length"),
+    ):
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

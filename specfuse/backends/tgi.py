@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from specfuse.backends._http import RemoteError, RetryableError, error_from_status
-from specfuse.backends._remote import RemoteBackend, cut_at_stop
+from specfuse.backends._remote import RemoteBackend, count_from_offsets, cut_at_stop
 from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling
 from specfuse.errors import CapabilityError, ConfigError
 
@@ -63,7 +63,10 @@ class TGIBackend(RemoteBackend):
     async def _generate(self, url: str, prompt: str, **params: Any) -> Any:
         client = self.hub_client(url)
         try:
-            return await client.text_generation(prompt, details=True, **params)
+            # text_generation() posts to the URL itself, TGI's compat route, where an unset
+            # return_full_text means true for "text-generation" models (router/src/server.rs,
+            # compat_generate): the draft would start with the whole prompt.
+            return await client.text_generation(prompt, details=True, return_full_text=False, **params)
         except Exception as exc:
             raise _as_remote_error(exc) from None
 
@@ -144,7 +147,26 @@ class TGIBackend(RemoteBackend):
                 member=self.member_name,
                 endpoint=self.endpoint,
             )
-        return self.pick_covering(full, len(context), [p.text for p in prefill], [p.logprob for p in prefill])
+        return await self.pick_covering(
+            full,
+            len(context),
+            [p.text for p in prefill],
+            [p.logprob for p in prefill],
+            [p.id for p in prefill],
+        )
+
+    async def count_from_server(self, full_text: str, context_length: int, ids: Sequence[int]) -> int | None:
+        # TGI's /tokenize gives each token's start/stop in bytes of the input
+        # (router/src/server.rs, encoding_to_tokens): exact, unlike per-token texts.
+        tokens = await self.call(
+            "POST /tokenize", lambda url: self._post(url, "/tokenize", {"inputs": full_text})
+        )
+        if not isinstance(tokens, list) or not all(isinstance(t, dict) and "stop" in t for t in tokens):
+            return None
+        boundary = len(full_text[:context_length].encode("utf-8"))
+        return count_from_offsets(
+            [int(t["id"]) for t in tokens], [(int(t["start"]), int(t["stop"])) for t in tokens], boundary, ids
+        )
 
     async def count_tokens(self, text: str) -> int:
         data = await self.call("POST /tokenize", lambda url: self._post(url, "/tokenize", {"inputs": text}))
