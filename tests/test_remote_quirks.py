@@ -29,7 +29,12 @@ pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m"
 #: Candidates whose boundary or body falls inside characters split across tokens.
-HARD = [("日本語", "日本語"), ("한", "👍🏽"), ("User: hi\nAssistant:", " 😀 héllo wörld"), ("a", " \u0308 \U0001f600")]
+HARD = [
+    ("日本語", "日本語"),
+    ("한", "👍🏽"),
+    ("User: hi\nAssistant:", " 😀 héllo wörld"),
+    ("a", " \u0308 \U0001f600"),
+]
 
 
 class Imitation:
