@@ -212,3 +212,13 @@ def test_alignment_is_exact_where_per_token_texts_are_not(servers, protocol, mod
     for (context, cand), g, w in zip(HARD, got, local_scores(HARD), strict=True):
         assert len(g.token_logprobs) == len(w.token_logprobs), (context, cand)
         assert g.mean == pytest.approx(w.mean, abs=1e-3), (context, cand)
+
+
+def test_vllm_renders_chats_through_tokenize_and_detokenize(servers, runner):
+    """vLLM's own chat rendering (/tokenize with messages, then /detokenize), as the real server."""
+    url = servers["vllm"].url
+    messages = [{"role": "user", "content": "Hi 😀"}]
+    ids = post(url + "/tokenize", json={"messages": messages}).json()["tokens"]
+    text = post(url + "/detokenize", json={"tokens": ids}).json()["prompt"]
+    want = runner.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == want

@@ -556,8 +556,42 @@ def _vllm_routes(
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
         body = await request.json()
-        ids = runner.encode(body.get("prompt", ""), add_special_tokens=body.get("add_special_tokens", True))
-        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": max_total})
+        if "messages" in body:
+            # vllm/entrypoints/openai/serving_tokenization.py (TokenizeChatRequest): the
+            # server's own chat template; add_generation_prompt defaults to true and
+            # add_special_tokens to false (the template carries any BOS).
+            tok = runner.tokenizer
+            if not tok.chat_template:
+                return error(
+                    400,
+                    "As of transformers v4.44, default chat template is no longer allowed, so you must "
+                    "provide a chat template if the tokenizer does not define one.",
+                    "BadRequestError",
+                )
+            text = tok.apply_chat_template(
+                body["messages"],
+                tools=body.get("tools"),
+                tokenize=False,
+                add_generation_prompt=body.get("add_generation_prompt", True),
+                continue_final_message=body.get("continue_final_message", False),
+            )
+            ids = runner.encode(text, add_special_tokens=body.get("add_special_tokens", False))
+        else:
+            special = body.get("add_special_tokens", True)
+            ids = runner.encode(body.get("prompt", ""), add_special_tokens=special)
+        result: dict[str, Any] = {"tokens": ids, "count": len(ids), "max_model_len": max_total}
+        if body.get("return_token_strs"):
+            result["token_strs"] = runner.tokenizer.convert_ids_to_tokens(ids)
+        return JSONResponse(result)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        # serving_tokenization.py, create_detokenize: {"tokens": [ids]} -> {"prompt": text}.
+        body = await request.json()
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            return error(400, "tokens must be a list of integers", "BadRequestError")
+        return JSONResponse({"prompt": runner.tokenizer.decode(tokens, skip_special_tokens=False)})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> JSONResponse:
