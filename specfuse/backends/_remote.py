@@ -227,7 +227,10 @@ class RemoteBackend(Backend):
         if ids is not None:
             n = await asyncio.to_thread(self.count_with_tokenizer, full_text, context_length, ids)
             if n is None:
+                # An extra call must not hide the attempts the scoring call itself needed.
+                attempts = last_attempts.get()
                 n = await self.count_from_server(full_text, context_length, ids)
+                last_attempts.set(max(attempts, last_attempts.get()))
             if n is not None:
                 return n
         if not self._warned_text_alignment:
