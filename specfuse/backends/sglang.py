@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from specfuse.backends._http import RemoteError
 from specfuse.backends._remote import RemoteBackend, cut_at_stop
 from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling
 
@@ -40,9 +41,14 @@ class SGLangBackend(RemoteBackend):
         data = await self.call(
             "GET /get_model_info", lambda url: self._post(url, "/get_model_info", None, method="GET")
         )
-        server = await self.call(
-            "GET /get_server_info", lambda url: self._post(url, "/get_server_info", None, method="GET")
-        )
+        try:
+            server = await self.call(
+                "GET /get_server_info", lambda url: self._post(url, "/get_server_info", None, method="GET")
+            )
+        except RemoteError as exc:
+            if exc.status != 404:
+                raise
+            server = {}  # a build without the route: the window stays unknown (checked by the server)
         probe = await self._generate(
             {
                 "text": "Hello world",

@@ -871,4 +871,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m specfuse.devserver")
     add_arguments(parser)
     return run(parser.parse_args(argv))
-
