@@ -102,8 +102,9 @@ def test_tgi_contract_validates_and_parses_with_huggingface_hub(tgi):
         },
     )
     # Greedy is deterministic: same text and tokens (log-probs may differ in the last float bits,
-    # since the second request reuses the server's prefix cache).
-    assert compat[0]["generated_text"] == out["generated_text"]
+    # since the second request reuses the server's prefix cache). The compat route of a
+    # "text-generation" model returns the prompt too unless return_full_text is false.
+    assert compat[0]["generated_text"] == body["inputs"] + out["generated_text"]
     assert [t["id"] for t in compat[0]["details"]["tokens"]] == [t["id"] for t in out["details"]["tokens"]]
     toks = httpx.post(url + "/tokenize", json={"inputs": "Hello wörld"}).json()
     validate(toks, "TokenizeResponse")
