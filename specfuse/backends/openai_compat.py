@@ -155,7 +155,10 @@ class VLLMBackend(RemoteBackend):
             return "echo", "scoring='echo' was asked for"
         if not can_score:
             return "echo", "the server returns no prompt log-probs"
-        ids = await self._token_ids("The quick brown fox jumps over the lazy dog. " * 40)
+        try:
+            ids = await self._token_ids("The quick brown fox jumps over the lazy dog. " * 40)
+        except RemoteError as exc:
+            return "echo", f"the server has no usable /tokenize ({exc})"
         length = min(_PROBE_TOKENS, (window or _PROBE_TOKENS + 2) - 2)
         ids = (ids * (length // max(1, len(ids)) + 1))[:length]
         body = self._tokens_body(model_id, ids)
@@ -163,7 +166,7 @@ class VLLMBackend(RemoteBackend):
         async def twice(url: str) -> Any:
             # Both on one replica: the second must find the first in that server's cache.
             await self._post_tokens(url, body)
-            return await self._post_tokens(url, body)
+            return (await self._post_tokens(url, body))[0]
 
         try:
             second = await self.call(f"probe POST {TOKENS_ROUTE}", twice)
@@ -184,17 +187,18 @@ class VLLMBackend(RemoteBackend):
             return "echo", "the server's prefix cache is off: token ids in would cost as much as echo"
         return "tokens", f"token ids in, prefix cache read ({cached} of {len(ids)} probe tokens cached)"
 
-    async def _post_tokens(self, url: str, body: dict[str, Any]) -> Any:
-        """One request to the token-in route, tried again when its answer could not be sent.
+    async def _post_tokens(self, url: str, body: dict[str, Any]) -> tuple[Any, int]:
+        """One request to the token-in route, and how many earlier tries of it failed.
 
         The prompt log-probs of cached positions are uninitialised memory (see
         `valid_from`); when that memory happens to hold a NaN or an infinity,
         vLLM cannot encode its JSON answer and returns HTTP 400 "Out of range
-        float values are not JSON compliant". Another try reads other memory.
+        float values are not JSON compliant" after computing it. Another try
+        reads other memory.
         """
         for attempt in range(_UNENCODABLE_TRIES):
             try:
-                return await self._post(url, TOKENS_ROUTE, body)
+                return await self._post(url, TOKENS_ROUTE, body), attempt
             except RemoteError as exc:
                 if exc.status != 400 or "JSON compliant" not in str(exc) or attempt == _UNENCODABLE_TRIES - 1:
                     raise
@@ -202,7 +206,7 @@ class VLLMBackend(RemoteBackend):
 
     def _tokens_body(self, model_id: str, ids: list[int]) -> dict[str, Any]:
         # The GenerateRequest of vllm/entrypoints/scale_out/token_in_token_out/protocol.py.
-        # max_tokens 0 is not allowed there; one generated token is the least.
+        # SamplingParams refuses max_tokens 0 (vllm/sampling_params.py, _verify_args).
         return {
             "model": model_id,
             "token_ids": ids,
@@ -363,11 +367,19 @@ class VLLMBackend(RemoteBackend):
                 endpoint=self.endpoint,
             )
         body = self._tokens_body(self._served_model, full_ids)
-        data = await self.call(
+        data, failed = await self.call(
             f"POST {TOKENS_ROUTE} (prompt log-probs)", lambda url: self._post_tokens(url, body)
         )
         cached = reported_cached_tokens(data)
-        usage = ServerUsage(prompt_tokens=len(full_ids), cached_tokens=cached, path="tokens")
+        # A failed try was computed too, but its answer (and cached count) was lost:
+        # it is counted with the cached count of the try that succeeded.
+        tries = failed + 1
+        usage = ServerUsage(
+            prompt_tokens=len(full_ids) * tries,
+            cached_tokens=None if cached is None else cached * tries,
+            requests=tries,
+            path="tokens",
+        )
         if cached is None or valid_from(cached) > start:
             fallback = (await self._score_echo(context, [candidate]))[0]
             assert fallback.usage is not None
