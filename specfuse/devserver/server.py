@@ -596,6 +596,22 @@ def _vllm_routes(
     @app.post("/v1/completions")
     async def completions(request: Request) -> JSONResponse:
         body = await request.json()
+        prompts = body.get("prompt")
+        if not (isinstance(prompts, list) and len(prompts) > 1 and all(isinstance(p, str) for p in prompts)):
+            return await complete_one(body)
+        # A list of prompts gives one choice per prompt, `index` in prompt order, and
+        # the usage summed (vllm/entrypoints/openai/completion/serving.py,
+        # OpenAIServingCompletion.request_output_to_completion_response).
+        answers = [await complete_one({**body, "prompt": p}) for p in prompts]
+        if any(a.status_code != 200 for a in answers):
+            return next(a for a in answers if a.status_code != 200)
+        parts = [json.loads(bytes(a.body)) for a in answers]
+        merged = parts[0]
+        merged["choices"] = [{**p["choices"][0], "index": i} for i, p in enumerate(parts)]
+        merged["usage"] = {k: sum(p["usage"][k] for p in parts) for k in merged["usage"]}
+        return JSONResponse(merged)
+
+    async def complete_one(body: dict[str, Any]) -> JSONResponse:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
