@@ -17,7 +17,7 @@ from typing import Any
 
 from specfuse.backends._http import RemoteError
 from specfuse.backends._remote import RemoteBackend, cut_at_stop
-from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling
+from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling, ServerUsage
 
 #: Tokens before the context boundary whose log-probs are also requested (boundary merges).
 _MARGIN = 3
@@ -31,6 +31,8 @@ class SGLangBackend(RemoteBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._context_tokens: OrderedDict[str, int] = OrderedDict()
+        #: What learning a context's token count cost, not yet charged to a score call.
+        self._uncharged: ServerUsage | None = None
 
     async def _generate(self, payload: dict[str, Any], what: str = "POST /generate") -> Any:
         return await self.call(what, lambda url: self._post(url, "/generate", payload))
@@ -100,6 +102,7 @@ class SGLangBackend(RemoteBackend):
             token_count=max(0, count),
             finish_reason=finish,
             token_logprobs=tuple(float(r[0]) for r in out if r and r[0] is not None),
+            usage=_usage(meta),
         )
 
     async def _count_context(self, context: str) -> int:
@@ -107,7 +110,9 @@ class SGLangBackend(RemoteBackend):
             self._context_tokens.move_to_end(context)
             return self._context_tokens[context]
         data = await self._generate({"text": context, "sampling_params": {"max_new_tokens": 0}})
-        n = int((data.get("meta_info") or {}).get("prompt_tokens") or 0)
+        meta = data.get("meta_info") or {}
+        n = int(meta.get("prompt_tokens") or 0)
+        self._uncharged = _usage(meta)
         self._context_tokens[context] = n
         while len(self._context_tokens) > 16:
             self._context_tokens.popitem(last=False)
@@ -115,7 +120,11 @@ class SGLangBackend(RemoteBackend):
 
     async def score(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
         start = max(0, await self._count_context(context) - _MARGIN)
-        return await self.gather_calls([self._score_one(context, c, start) for c in candidates])
+        scores = await self.gather_calls([self._score_one(context, c, start) for c in candidates])
+        warm, self._uncharged = self._uncharged, None
+        if warm is not None and scores and scores[0].usage is not None:
+            scores[0] = CandidateScore(scores[0].token_logprobs, usage=warm + scores[0].usage)
+        return scores
 
     async def _score_one(self, context: str, candidate: str, start: int) -> CandidateScore:
         full = context + candidate
@@ -129,10 +138,15 @@ class SGLangBackend(RemoteBackend):
             },
             "POST /generate (logprobs)",
         )
-        rows = (data.get("meta_info") or {}).get("input_token_logprobs") or []
-        return await self.pick_covering(
+        meta = data.get("meta_info") or {}
+        rows = meta.get("input_token_logprobs") or []
+        picked = await self.pick_covering(
             full, len(context), [r[2] for r in rows], [r[0] for r in rows], [int(r[1]) for r in rows]
         )
+        usage = _usage(meta)
+        if usage is not None:
+            usage = ServerUsage(usage.prompt_tokens, usage.cached_tokens, path="logprob_start_len")
+        return CandidateScore(picked.token_logprobs, usage=usage)
 
     async def count_tokens(self, text: str) -> int:
         return await self._count_context(text)
@@ -158,3 +172,11 @@ def context_window(server_info: dict[str, Any]) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def _usage(meta: dict[str, Any]) -> ServerUsage | None:
+    """The cost SGLang reports in `meta_info` (`prompt_tokens`, `cached_tokens`)."""
+    if "prompt_tokens" not in meta:
+        return None
+    cached = meta.get("cached_tokens")
+    return ServerUsage(int(meta["prompt_tokens"]), int(cached) if cached is not None else None)
