@@ -4,6 +4,7 @@ tests/test_real_vllm_cost.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -11,9 +12,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from specfuse.backends.base import ServerUsage, total_usage
-from specfuse.backends.openai_compat import common_prefix, reported_cached_tokens, valid_from
+from specfuse.backends.openai_compat import VLLMBackend, common_prefix, reported_cached_tokens, valid_from
 from specfuse.config import MemberConfig
+from specfuse.errors import CapabilityError
 from specfuse.trace import CallRecord, CandidateRecord, FusionTrace, RoundRecord
+from tests.remote_fixtures import server_pool  # noqa: F401 - a session fixture
 
 
 def test_computed_tokens_is_prompt_minus_cached_and_unknown_without_a_cache_count() -> None:
@@ -119,3 +122,39 @@ def test_to_dict_shows_each_calls_cost_and_scoring_path() -> None:
     assert score["scoring_path"] == "tokens"
     assert data["rounds"][0]["calls"][3]["prompt_tokens_computed"] is None
     assert data["summary"]["prompt_tokens_computed"] == 900
+
+
+def test_a_server_without_the_token_route_scores_by_echo_in_one_request_and_says_why(
+    server_pool,  # noqa: F811
+) -> None:
+    """`specfuse serve --protocol vllm` has no /inference/v1/generate, like a vLLM
+    started without --enable-scale-out."""
+    (server,) = server_pool.get("vllm", ("smollm2-135m",))
+
+    def config(scoring: str) -> MemberConfig:
+        return MemberConfig(model="smollm2-135m", backend="vllm", urls=[server.url], scoring=scoring)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        auto = VLLMBackend(config("auto"))
+        info = await auto.info()
+        assert info.extra["scoring_path"] == "echo"
+        assert "--enable-scale-out" in info.extra["scoring_path_reason"]
+        context = "Name three primary colours.\nAnswer:"
+        candidates = [" Red, blue and yellow.", " Green.", " Cyan, magenta"]
+        batch = await auto.score(context, candidates)
+        # All of a verifier's candidates went in one request...
+        usages = [s.usage for s in batch]
+        assert all(u is not None and u.path == "echo" for u in usages)
+        assert sum(u.requests for u in usages if u) == 1
+        # ...and score as each would alone.
+        for cand, got in zip(candidates, batch, strict=True):
+            alone = (await auto.score(context, [cand]))[0]
+            assert got.token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-4)
+        await auto.aclose()
+
+        strict = VLLMBackend(config("tokens"))
+        with pytest.raises(CapabilityError, match="scoring='tokens' was asked for, but the server has no"):
+            await strict.info()
+        await strict.aclose()
+
+    asyncio.run(main())
