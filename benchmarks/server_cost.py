@@ -18,8 +18,10 @@ path at ~1000 tokens with 3 members). Each scoring path is run: "echo"
 (/inference/v1/generate with the prefix cache read). The trace's own per-call
 `prompt_tokens_computed` sum is printed beside the server's figure.
 
-Each measurement starts its prompt with a fresh nonce, so no answer finds
-another's context in the cache (only the chat template's first tokens).
+Each measurement starts its prompt with a fresh nonce (new on every run), so
+no answer finds another's context in the cache; the chat template's few
+tokens before the nonce are shared, but a cache block is 16 (GPU) or 128
+(CPU) tokens, and the block holding the nonce is new.
 
     # a server this script starts (and stops) from a vLLM virtual environment:
     .venv/bin/python benchmarks/server_cost.py --vllm-python .venv-vllm/bin/python
@@ -203,7 +205,12 @@ def server(python: str, model_dir: str, max_model_len: int) -> Iterator[str]:
         "--enable-scale-out",
         "--enable-prompt-tokens-details",
     ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        # A busy CPU makes one engine step outlast the default 300 s, which kills the engine.
+        "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600",
+    }
     log = open(os.devnull, "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -250,7 +257,8 @@ def main() -> None:
         served = httpx.get(URL + "/v1/models", timeout=30).json()["data"][0]["id"]
         model = args.model if served == args.model else served
         rows = []
-        nonce = 0
+        # Nonces no earlier run on this server used: its prefix cache may still hold those prompts.
+        nonce = time.time_ns() // 1000 % 10**9
         for ctx in args.contexts:
             docs = documents(ctx, tokenize)
             for n in args.members:
