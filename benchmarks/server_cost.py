@@ -204,6 +204,11 @@ def server(python: str, model_dir: str, max_model_len: int) -> Iterator[str]:
         str(port),
         "--enable-scale-out",
         "--enable-prompt-tokens-details",
+        # No chunked prefill: vLLM 0.32's CPU build crashes its engine when a seeded
+        # request's prefill is chunked (GPUModelRunner._bookkeeping_sync calls
+        # set_offset on a CPU generator), and seeded drafts of 3000-token prompts are.
+        "--max-num-batched-tokens",
+        str(2 * max_model_len),
     ]
     env = {
         **os.environ,
