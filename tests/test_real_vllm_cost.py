@@ -5,6 +5,8 @@ with `--enable-scale-out` (which serves the token-in route
 /inference/v1/generate) and `--enable-prompt-tokens-details` (which reports
 the cached-token count the client needs). SPECFUSE_REAL_VLLM=0 leaves the
 tier out; the tests then report themselves skipped, by name.
+SPECFUSE_VLLM_SCALE_OUT_URL points them at a server already running with
+those flags instead of starting one.
 
 Tolerance: bf16 on CPU. The echo path disagrees with itself by up to ~0.13
 nats on one token and ~0.04 on a candidate's mean when the same candidate is
@@ -36,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 STORE_NAME = "smollm2-135m"
 ENABLE_VAR = "SPECFUSE_REAL_VLLM"
+#: The URL of a vLLM already running with the flags `vllm_scale_out` uses (the fixture then starts none).
+URL_VAR = "SPECFUSE_VLLM_SCALE_OUT_URL"
 #: The first test waits for the server, whose first start compiles for minutes on a busy CPU.
 pytestmark = pytest.mark.timeout(2400)
 PER_TOKEN = 0.25
@@ -45,15 +49,13 @@ WORDS = ["river", "town", "bridge", "mill", "wheat", "barley", "summer", "farmer
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-        self.proc, self.port, self.log = proc, port, log
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def __init__(self, proc: subprocess.Popen[bytes] | None, url: str) -> None:
+        self.proc, self.url = proc, url
 
     def stop(self) -> None:
         # Our own child's process group (the API server and its engine process).
+        if self.proc is None:
+            return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(30)
@@ -69,6 +71,11 @@ def vllm_scale_out(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
     """A real vLLM with the token-in route and cached-token counts, stopped after the module."""
     if os.environ.get(ENABLE_VAR, "1") == "0":
         pytest.skip(f"real-vLLM tier disabled by {ENABLE_VAR}=0")
+    if os.environ.get(URL_VAR):
+        # A server someone already started with the flags below; nothing else may use it
+        # meanwhile (one test compares the trace with the server's global counters).
+        yield Server(None, os.environ[URL_VAR].rstrip("/"))
+        return
     if not VLLM_PYTHON.exists():
         raise RuntimeError(
             f"{VLLM_PYTHON} is missing: build the vLLM environment (scripts/setup_vllm.sh), "
@@ -111,7 +118,7 @@ def vllm_scale_out(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
     }
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(proc, port, log)
+    server = Server(proc, f"http://127.0.0.1:{port}")
     try:
         deadline = time.monotonic() + float(os.environ.get("SPECFUSE_VLLM_START_TIMEOUT", "1200"))
         while True:
