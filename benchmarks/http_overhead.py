@@ -45,7 +45,8 @@ def start_servers(models: list[str], protocol: str) -> tuple[list[str], list[sub
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for model in models:
         port = _free_port()
-        args = [sys.executable, "-m", "specfuse.serve", model, "--protocol", protocol, "--port", str(port)]
+        args = [sys.executable, "-m", "specfuse.devserver", model, "--protocol", protocol]
+        args += ["--port", str(port)]
         if protocol == "tgi":
             args.append("--enable-prefill-logprobs")
         procs.append(

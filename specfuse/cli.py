@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     mod.set_defaults(func=_models)
 
     try:
-        from specfuse import serve
+        from specfuse import devserver as serve
     except ImportError:  # the server extra is not installed
         pass
     else:

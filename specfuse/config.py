@@ -161,6 +161,15 @@ class MemberConfig(BaseModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
     kv_cache: bool = True
     timeout: Annotated[float, Field(gt=0.0, description="Per-call timeout in seconds.")] = 60.0
+    scoring: Literal["auto", "echo", "tokens"] = Field(
+        default="auto",
+        description=(
+            "How a remote verifier reads prompt log-probs. 'auto': the cheapest correct way the "
+            "server offers, found when the member is probed; 'echo': re-read the whole prompt "
+            "(every server); 'tokens': vLLM's token-in route (/inference/v1/generate), which reuses "
+            "the prefix cache, and an error if the server does not offer it."
+        ),
+    )
 
     @field_validator("urls", mode="before")
     @classmethod

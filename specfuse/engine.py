@@ -29,7 +29,15 @@ from typing import Any
 
 from specfuse import scoring
 from specfuse._sync import LoopThread
-from specfuse.backends.base import Backend, BackendInfo, Draft, Sampling, call_attempts
+from specfuse.backends.base import (
+    Backend,
+    BackendInfo,
+    Draft,
+    Sampling,
+    ServerUsage,
+    call_attempts,
+    total_usage,
+)
 from specfuse.config import EnsembleConfig, FusionSettings, MemberConfig
 from specfuse.errors import (
     AllMembersFailedError,
@@ -578,6 +586,7 @@ class SpecFuse:
                     time.perf_counter() - t0,
                     attempts=call_attempts.get(),
                     tokens=draft.token_count,
+                    **_cost_fields(draft.usage),
                 )
             )
             drafts[drafter.name] = draft
@@ -720,6 +729,7 @@ class _ScoreLane:
                 time.perf_counter() - t0,
                 attempts=call_attempts.get(),
                 tokens=tokens,
+                **_cost_fields(total_usage([r.usage for r in results])),
             )
         )
         by_text = {t: r.mean for t, r in zip(texts, results, strict=True)}
@@ -737,6 +747,18 @@ def _as_messages(messages: str | Sequence[Message]) -> list[Message]:
 def _call_seed(request_seed: int, member_index: int, round_index: int) -> int:
     """A distinct, reproducible seed per (request, member, round)."""
     return (request_seed * 1_000_003 + member_index * 7_919 + round_index) % (2**31)
+
+
+def _cost_fields(usage: ServerUsage | None) -> dict[str, Any]:
+    """The CallRecord fields that say what a call cost its server."""
+    if usage is None:
+        return {}
+    return {
+        "server_prompt_tokens": usage.prompt_tokens,
+        "prompt_tokens_computed": usage.computed_tokens,
+        "requests": usage.requests,
+        "scoring_path": usage.path,
+    }
 
 
 def _describe(exc: BaseException) -> str:

@@ -119,7 +119,7 @@ class RetryableError(RemoteError):
 
 
 class ContextWindowErrorRemote(RemoteError, ContextWindowError):
-    """The server refused an input that is too long for it (TGI's 422)."""
+    """The server refused an input that is too long for its context window (TGI, vLLM or SGLang)."""
 
 
 class AllMembersFailedError(SpecfuseError):

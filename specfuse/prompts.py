@@ -17,6 +17,7 @@ with it appended, so that "stop here" competes fairly with "go on".
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
@@ -97,6 +98,11 @@ class ChatFormat:
         _, found, after = rendered.partition(_SENTINEL)
         end_of_turn = after.strip() if found else ""
         if not end_of_turn:
+            # TGI >= 3.0 cuts a rendering right after a final assistant message (it
+            # continues that message), so nothing follows it: ask for a following user
+            # turn instead and keep the first marker that ends the assistant's turn.
+            end_of_turn = await _end_of_turn_before_next_turn(backend)
+        if not end_of_turn:
             raise ConfigError(
                 f"cannot find the end-of-turn marker of the chat template of {backend.endpoint}; "
                 "set template='plain' for this member"
@@ -154,6 +160,26 @@ class PlainFormat:
         for message in messages:
             lines.append(f"{self._ROLE_NAMES[message['role']]}: {message_text(message).strip()}")
         return self.bos + "\n".join(lines) + "\nAssistant:"
+
+
+#: A turn marker: a special-token-like tag (<|im_end|>, <end_of_turn>, <|eot_id|>) or </s>.
+_TURN_MARKER = re.compile(r"^\s*(<[^<>\s]{1,40}>|</s>)")
+
+
+async def _end_of_turn_before_next_turn(backend: Backend) -> str:
+    """The marker between an assistant message and the user turn after it, or ''."""
+    after_user = "\u2063SPECFUSE_NEXT\u2063"
+    conversation = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": _SENTINEL},
+        {"role": "user", "content": after_user},
+    ]
+    rendered = await backend.render_chat(conversation, add_generation_prompt=True)
+    if rendered is None or _SENTINEL not in rendered:
+        return ""
+    between = rendered.split(_SENTINEL, 1)[1].split(after_user, 1)[0]
+    marker = _TURN_MARKER.match(between)
+    return marker.group(1) if marker else ""
 
 
 def _tool_name(tool: dict[str, Any]) -> str:

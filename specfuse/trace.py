@@ -23,6 +23,16 @@ class CallRecord:
     error: str | None = None
     #: Tokens the call processed as input / produced (best effort, per the member's tokenizer).
     tokens: int = 0
+    #: Prompt tokens the server read for this call (its own count), when it reports one.
+    server_prompt_tokens: int | None = None
+    #: Of those, the ones it computed rather than read from its prefix cache: the
+    #: cost of the call. None when the server does not report its cache use.
+    prompt_tokens_computed: int | None = None
+    #: HTTP requests the call made to the server (a batched score counts once).
+    requests: int | None = None
+    #: How a score call read its log-probs ("echo", "tokens", or both when some
+    #: candidates fell back); None for drafts and in-process members.
+    scoring_path: str | None = None
 
 
 @dataclass
@@ -66,6 +76,11 @@ class MemberSummary:
     tokens_drafted: int = 0
     tokens_scored: int = 0
     prompt_tokens: int = 0
+    #: Prompt tokens the server computed for this member's calls (drafts and
+    #: scores), over the calls whose server reported it.
+    prompt_tokens_computed: int = 0
+    #: Calls whose server did not report the prompt tokens it computed.
+    calls_without_cost: int = 0
     errors: int = 0
     exited_at_round: int | None = None
 
@@ -93,6 +108,10 @@ class FusionTrace:
                 s = out[call.member]
                 s.calls += 1
                 s.errors += call.error is not None
+                if call.prompt_tokens_computed is not None:
+                    s.prompt_tokens_computed += call.prompt_tokens_computed
+                elif call.error is None:
+                    s.calls_without_cost += 1
                 if call.kind == "draft":
                     s.draft_calls += 1
                 else:
@@ -136,6 +155,7 @@ class FusionTrace:
             "total_time": round(self.total_time, 4),
             "tokens_per_second": round(tokens / self.total_time, 3) if self.total_time else None,
             "finish_reason": self.finish_reason,
+            "prompt_tokens_computed": sum(s.prompt_tokens_computed for s in members.values()),
             "exits": {m: s.exited_at_round for m, s in members.items() if s.exited_at_round},
             "members": {m: asdict(s) for m, s in members.items()},
         }

@@ -38,7 +38,7 @@ def free_port() -> int:
 
 @dataclass
 class ServerProcess:
-    """One `python -m specfuse.serve` child process."""
+    """One `python -m specfuse.devserver` child process."""
 
     model: str
     protocol: str
@@ -52,7 +52,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-m", "specfuse.serve", self.model, "--protocol", self.protocol]
+        cmd = [sys.executable, "-m", "specfuse.devserver", self.model, "--protocol", self.protocol]
         cmd += ["--port", str(self.port), *self.args]
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

@@ -135,7 +135,7 @@ def test_failing_replica_is_skipped_for_a_cooldown(fault_pair):  # noqa: F811
 def test_serve_registers_its_subcommand():
     import argparse
 
-    from specfuse import serve
+    from specfuse import devserver as serve
 
     parser = argparse.ArgumentParser(prog="specfuse")
     serve.register(parser.add_subparsers(dest="command"))

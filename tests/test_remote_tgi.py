@@ -102,8 +102,9 @@ def test_tgi_contract_validates_and_parses_with_huggingface_hub(tgi):
         },
     )
     # Greedy is deterministic: same text and tokens (log-probs may differ in the last float bits,
-    # since the second request reuses the server's prefix cache).
-    assert compat[0]["generated_text"] == out["generated_text"]
+    # since the second request reuses the server's prefix cache). The compat route of a
+    # "text-generation" model returns the prompt too unless return_full_text is false.
+    assert compat[0]["generated_text"] == body["inputs"] + out["generated_text"]
     assert [t["id"] for t in compat[0]["details"]["tokens"]] == [t["id"] for t in out["details"]["tokens"]]
     toks = httpx.post(url + "/tokenize", json={"inputs": "Hello wörld"}).json()
     validate(toks, "TokenizeResponse")
@@ -209,7 +210,7 @@ def test_tgi_without_prefill_logprobs_says_how_to_fix(server_pool):  # noqa: F81
 
 async def test_serve_api_key_and_concurrency_limit():
     """--api-key demands the Bearer token; past --max-concurrent-requests TGI answers 429, not a queue."""
-    from specfuse.serve import ServeOptions, build_app
+    from specfuse.devserver import ServeOptions, build_app
 
     app = build_app(ServeOptions(model="smollm2-135m", api_key="k3y", max_concurrent_requests=1))
     transport = httpx.ASGITransport(app=app)

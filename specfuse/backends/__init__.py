@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from specfuse.backends.base import Backend, BackendInfo, CandidateScore, Draft, Sampling
+from specfuse.backends.base import Backend, BackendInfo, CandidateScore, Draft, Sampling, ServerUsage
 from specfuse.config import MemberConfig
 from specfuse.errors import ConfigError
 
@@ -32,4 +32,4 @@ def create_backend(member: MemberConfig) -> Backend:
     raise ConfigError(f"backend {member.backend!r} is not supported; use 'local', 'tgi', 'vllm' or 'sglang'")
 
 
-__all__ = ["Backend", "BackendInfo", "CandidateScore", "Draft", "Sampling", "create_backend"]
+__all__ = ["Backend", "BackendInfo", "CandidateScore", "Draft", "Sampling", "ServerUsage", "create_backend"]

@@ -11,6 +11,7 @@ import asyncio
 import email.utils
 import os
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -77,21 +78,7 @@ def parse_retry_after(value: str | None) -> float | None:
 
 def error_from_status(status: int, body: str, headers: httpx.Headers | dict[str, str]) -> RemoteError:
     """Map an HTTP error to a specfuse error; the server's own message is kept, headers never are."""
-    detail = body.strip()
-    try:
-        import json
-
-        data = json.loads(body)
-        if isinstance(data, dict):
-            found = data.get("error") or data.get("message") or data.get("detail") or detail
-            # OpenAI-style servers (vLLM's ErrorResponse, vllm/entrypoints/serve/engine/
-            # protocol.py) nest it: {"error": {"message": ..., "type": ..., "code": ...}}.
-            if isinstance(found, dict) and found.get("message"):
-                found = found["message"]
-            detail = str(found)
-    except ValueError:
-        pass
-    detail = detail[:500]
+    detail = _error_detail(body)[:500]
     retry_after = parse_retry_after(headers.get("retry-after"))
     if status in (429, 503):
         what = "overloaded" if status == 429 else "unavailable (an Inference Endpoint may be waking up)"
@@ -104,9 +91,55 @@ def error_from_status(status: int, body: str, headers: httpx.Headers | dict[str,
         return RemoteError(
             f"HTTP {status}: not authorised; check the member's api_key: {detail}", status=status
         )
-    if status == 422 and ("token" in detail.lower() and ("must" in detail or "exceed" in detail)):
-        return ContextWindowErrorRemote(f"HTTP 422: {detail}", status=status)
+    if status in (400, 413, 422) and CONTEXT_OVERFLOW.search(detail):
+        return ContextWindowErrorRemote(f"HTTP {status}: {detail}", status=status)
     return RemoteError(f"HTTP {status}: {detail}", status=status)
+
+
+#: How each server words "the prompt does not fit the context window". A 422 about
+#: `max_new_tokens` alone (TGI's "`max_new_tokens` must be <= N") is not one of them.
+CONTEXT_OVERFLOW = re.compile(
+    "|".join(
+        [
+            # TGI router/src/validation.rs, ValidationError::MaxTotalTokens and ::InputLength
+            r"`inputs` tokens \+ `max_new_tokens` must be <=",
+            r"`inputs` must have less than \d+ tokens",
+            # vLLM entrypoints/openai serving (_validate_input): "This model's maximum context
+            # length is N tokens. However, you requested M tokens ..."; its input processor:
+            # "The decoder prompt (length N) is longer than the maximum model length of M"
+            r"maximum context length is \d+",
+            r"longer than the maximum model length",
+            # SGLang managers/tokenizer_manager.py (_validate_one_request): "The input (N tokens)
+            # is longer than the model's context length (M tokens)." and "Requested token count
+            # exceeds the model's maximum context length of M tokens."
+            r"longer than the model's context length",
+            r"exceeds the model's maximum context length",
+        ]
+    ),
+    re.IGNORECASE,
+)
+
+
+def _error_detail(body: str) -> str:
+    """The human part of an error body: TGI's {"error": str}, vLLM's and SGLang's
+    {"error": {"message": str}} (older vLLM: {"object": "error", "message": str}),
+    FastAPI's {"detail": ...}; anything else as sent."""
+    import json
+
+    text = body.strip()
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return text
+    if not isinstance(data, dict):
+        return text
+    error = data.get("error")
+    if isinstance(error, dict):
+        error = error.get("message") or error.get("msg") or json.dumps(error, ensure_ascii=False)
+    found = error or data.get("message") or data.get("detail")
+    if found is None or found == "":
+        return text
+    return found if isinstance(found, str) else json.dumps(found, ensure_ascii=False)
 
 
 # -- replicas -----------------------------------------------------------------
@@ -362,7 +395,19 @@ def _run_start(data: bytes, end: int, least: int, anchor: bytes, head: bytes = b
         if (
             (start == len(data) or (data[start] & 0xC0) != 0x80)
             and data.startswith(head, start)
-            and (not anchor or data[:start].endswith(anchor) or data[:start].endswith(anchor.lstrip(b" ")))
+            and _ends_with_anchor(data[:start], anchor)
         ):
             return start
     return max(0, end - least * 4)
+
+
+def _ends_with_anchor(prefix: bytes, anchor: bytes) -> bool:
+    """prefix ends with the clean token before a partial run (or with it minus a decoder's leading space).
+
+    A whitespace-only anchor (" ") stripped of its space is empty, and every
+    prefix ends with b"": that once let a run start in the wrong place.
+    """
+    if not anchor or prefix.endswith(anchor):
+        return True
+    stripped = anchor.lstrip(b" ")
+    return bool(stripped) and prefix.endswith(stripped)

@@ -69,6 +69,9 @@ class RemoteBackend(Backend):
         self._tokenizer: Any = None
         self._tokenizer_checked = False
         self._warned_no_template = False
+        self._aligner: Any = None
+        self._aligner_checked = False
+        self._warned_text_alignment = False
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -247,22 +250,95 @@ class RemoteBackend(Backend):
 
     # -- scoring helper ---------------------------------------------------------------
 
-    def pick_covering(
+    def alignment_tokenizer(self) -> Any:
+        """The model's tokenizer when `model` names a local model or directory, whatever the template.
+
+        Used only to find which of the server's tokens cover a candidate, from
+        exact character offsets; the server's token ids are checked against it.
+        """
+        if not self._aligner_checked:
+            self._aligner_checked = True
+            try:
+                from transformers import AutoTokenizer
+
+                from specfuse.models import resolve_model_path
+
+                self._aligner = AutoTokenizer.from_pretrained(resolve_model_path(self.model))
+            except Exception:  # not a local model (or no transformers): the server's offsets, if any
+                self._aligner = None
+        return self._aligner
+
+    def count_with_tokenizer(self, full_text: str, context_length: int, ids: Sequence[int]) -> int | None:
+        """Covering tokens from a local tokenizer's offsets, if its ids are the server's (else None)."""
+        tok = self.alignment_tokenizer()
+        if tok is None or not getattr(tok, "is_fast", False):
+            return None
+        enc = tok(full_text, add_special_tokens=True, return_offsets_mapping=True)
+        return count_from_offsets(
+            list(enc["input_ids"]), [(int(s), int(e)) for s, e in enc["offset_mapping"]], context_length, ids
+        )
+
+    async def count_from_server(self, full_text: str, context_length: int, ids: Sequence[int]) -> int | None:
+        """Covering tokens from the server's own exact offsets, where its protocol gives them."""
+        return None
+
+    async def covering_tokens(
+        self,
+        full_text: str,
+        context_length: int,
+        ids: Sequence[int] | None,
+        texts: Sequence[str | None],
+    ) -> int:
+        """How many of the server's trailing tokens cover full_text[context_length:].
+
+        Exact sources first (a local tokenizer's offsets, the server's byte offsets),
+        both checked against the token ids the server scored. Per-token decoded texts
+        are a last resort: servers decode each token alone, so SentencePiece pieces
+        lose their leading space and split characters come back as U+FFFD or "".
+        """
+        if ids is not None:
+            n = await asyncio.to_thread(self.count_with_tokenizer, full_text, context_length, ids)
+            if n is None:
+                # An extra call must not hide the attempts the scoring call itself needed.
+                attempts = last_attempts.get()
+                n = await self.count_from_server(full_text, context_length, ids)
+                last_attempts.set(max(attempts, last_attempts.get()))
+            if n is not None:
+                return n
+        if not self._warned_text_alignment:
+            self._warned_text_alignment = True
+            warnings.warn(
+                f"member {self.member_name!r}: no local tokenizer for {self.model!r} and no exact offsets "
+                "from this server, so candidates are aligned by per-token texts, which can be off by a "
+                "token at a split character; name a local model or directory as `model` to align exactly",
+                stacklevel=2,
+            )
+        return covering_count(full_text, context_length, texts)
+
+    async def pick_covering(
         self,
         full_text: str,
         context_length: int,
         texts: Sequence[str | None],
         logprobs: Sequence[float | None],
+        ids: Sequence[int] | None = None,
     ) -> CandidateScore:
         """Log-probs of the trailing tokens that cover full_text[context_length:]."""
         try:
-            n = covering_count(full_text, context_length, texts)
+            n = await self.covering_tokens(full_text, context_length, ids, texts)
         except ValueError as exc:
             raise BackendError(
                 f"cannot align the server's tokens with the text: {exc}",
                 member=self.member_name,
                 endpoint=self.endpoint,
             ) from None
+        if n > len(logprobs):
+            raise BackendError(
+                f"candidate {full_text[context_length:]!r} covers {n} tokens but the server returned "
+                f"log-probs for {len(logprobs)}",
+                member=self.member_name,
+                endpoint=self.endpoint,
+            )
         picked = list(logprobs[len(logprobs) - n :]) if n else []
         if not picked or any(lp is None for lp in picked):
             raise BackendError(
@@ -271,6 +347,31 @@ class RemoteBackend(Backend):
                 endpoint=self.endpoint,
             )
         return CandidateScore(tuple(float(lp) for lp in picked if lp is not None))
+
+
+def count_from_offsets(
+    local_ids: Sequence[int],
+    offsets: Sequence[tuple[int, int]],
+    boundary: int,
+    server_ids: Sequence[int],
+) -> int | None:
+    """Tokens whose span ends after `boundary`, or None when the two tokenizations differ.
+
+    `offsets` are (start, end) per token, in the unit of `boundary` (characters
+    for a local tokenizer, bytes for TGI's /tokenize). The token that straddles
+    the boundary (the context's last piece merged with the candidate's first)
+    ends after it, so it belongs to the candidate. `server_ids` may be a suffix
+    (SGLang's logprob_start_len) or carry extra leading tokens (a BOS the server
+    added): only the part both have must agree.
+    """
+    first = next((i for i, (_, end) in enumerate(offsets) if end > boundary), len(offsets))
+    n = len(local_ids) - first
+    shared = min(len(local_ids), len(server_ids))
+    if n > shared or list(local_ids[len(local_ids) - shared :]) != list(
+        server_ids[len(server_ids) - shared :]
+    ):
+        return None
+    return n
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

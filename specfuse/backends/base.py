@@ -35,6 +35,53 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class ServerUsage:
+    """What one call cost the server, as the server itself reported it.
+
+    Fused answers are paid for in server compute, mostly prompt tokens; the
+    engine copies this into the trace so a user sees what verification costs.
+    """
+
+    #: Prompt tokens the server read for the call (cached or not).
+    prompt_tokens: int
+    #: Of those, read from the server's prefix cache; None when the server does not say.
+    cached_tokens: int | None = None
+    #: Requests the call made to the server (a batch counts once).
+    requests: int = 1
+    #: How the call scored: "echo" (whole prompt re-read) or "tokens" (token ids in, cache reused).
+    path: str | None = None
+
+    @property
+    def computed_tokens(self) -> int | None:
+        """Prompt tokens the server had to compute; None when it does not report its cache use."""
+        return None if self.cached_tokens is None else self.prompt_tokens - self.cached_tokens
+
+    def __add__(self, other: ServerUsage) -> ServerUsage:
+        paths = sorted({p for p in (self.path, other.path) if p})
+        return ServerUsage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            cached_tokens=(
+                None
+                if self.cached_tokens is None or other.cached_tokens is None
+                else self.cached_tokens + other.cached_tokens
+            ),
+            requests=self.requests + other.requests,
+            path="+".join(paths) or None,
+        )
+
+
+def total_usage(usages: Sequence[ServerUsage | None]) -> ServerUsage | None:
+    """The sum of several calls' usage; None if any call's usage is unknown."""
+    known = [u for u in usages if u is not None]
+    if not known or len(known) != len(usages):
+        return None
+    total = known[0]
+    for u in known[1:]:
+        total = total + u
+    return total
+
+
+@dataclass(frozen=True)
 class Draft:
     """A candidate continuation produced by one drafter."""
 
@@ -43,6 +90,8 @@ class Draft:
     finish_reason: FinishReason
     #: The drafter's own log-probs of its generated tokens (for the trace).
     token_logprobs: tuple[float, ...] = ()
+    #: What the draft cost the server, when the server reports it.
+    usage: ServerUsage | None = None
 
     @property
     def finished(self) -> bool:
@@ -55,6 +104,8 @@ class CandidateScore:
     """Log-probs of the tokens that cover one candidate's text, read by a verifier."""
 
     token_logprobs: tuple[float, ...]
+    #: What scoring this candidate cost the server, when the server reports it.
+    usage: ServerUsage | None = None
 
     @property
     def mean(self) -> float:

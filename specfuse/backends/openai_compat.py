@@ -1,8 +1,24 @@
 """vLLM (and other OpenAI-compatible completion servers) over `/v1/completions`.
 
-Scoring asks for the prompt's own log-probs: `echo: true, logprobs: 1,
-max_tokens: 0` returns them in `choices[0].logprobs` (first entry null).
-What real vLLM versions do with that request differs, and `info()` probes it
+Scoring has two paths, chosen when the member is probed:
+
+- "echo" (every OpenAI-compatible server): `echo: true, logprobs: 1,
+  max_tokens: 0` returns the prompt's own log-probs in `choices[*].logprobs`
+  (first entry null); all of a verifier's candidates go in one request. vLLM
+  skips its prefix cache for any request with prompt log-probs
+  (`SamplingParams.__post_init__` in vllm/sampling_params.py sets
+  `skip_reading_prefix_cache`), so every candidate re-reads the whole context.
+- "tokens" (vLLM started with `--enable-scale-out` and
+  `--enable-prompt-tokens-details`): token ids go to `/inference/v1/generate`
+  with `skip_reading_prefix_cache: false`, so only the uncached tail is
+  computed. Log-probs at cached positions are never computed (see
+  `_score_tokens`), so the response's cached-token count must stop before the
+  candidate; a candidate for which it does not is scored by echo instead.
+
+Servers that return no prompt log-probs report `can_score=False`, so such a
+member can draft but the engine refuses it as a verifier with a clear message.
+
+What real vLLM versions do with an echo request differs, and `info()` probes it
 once:
 
 * vLLM 0.32 runs such a request with max_tokens 1 and echoes only the prompt
@@ -25,13 +41,67 @@ vLLM's default (true) would add a second BOS.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 from specfuse.backends._http import ContextWindowErrorRemote, RemoteError, RetryableError
 from specfuse.backends._remote import RemoteBackend, cut_at_stop
-from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling
-from specfuse.errors import CapabilityError
+from specfuse.backends.base import (
+    BackendInfo,
+    CandidateScore,
+    Draft,
+    FinishReason,
+    Sampling,
+    ServerUsage,
+)
+from specfuse.config import MemberConfig
+from specfuse.errors import BackendError, CapabilityError
+
+#: vLLM's token-in route, served when it is started with --enable-scale-out
+#: (vllm/entrypoints/scale_out/token_in_token_out/api_router.py).
+TOKENS_ROUTE = "/inference/v1/generate"
+#: Prompt length of the probe that checks the token-in route reads the prefix cache
+#: and reports it: long enough to fill a whole cache block on GPU (16) and CPU (128) builds.
+_PROBE_TOKENS = 300
+#: Tries of a token-in request whose answer vLLM could not encode (see `_post_tokens`).
+_UNENCODABLE_TRIES = 3
+#: Contexts whose token ids are kept (one per verifier and round is what scoring needs).
+_CONTEXT_CACHE = 16
+
+
+def reported_cached_tokens(data: dict[str, Any]) -> int | None:
+    """`usage.prompt_tokens_details.cached_tokens` of a vLLM response, None when absent.
+
+    vLLM fills it only when started with --enable-prompt-tokens-details
+    (vllm/entrypoints/openai/completion/serving.py, `completion_full_generator`).
+    """
+    details = (data.get("usage") or {}).get("prompt_tokens_details") or {}
+    value = details.get("cached_tokens")
+    return int(value) if value is not None else None
+
+
+def valid_from(cached_tokens: int) -> int:
+    """First prompt position whose log-prob the server computed, given its cached-token count.
+
+    vLLM's V1 model runner (`GPUModelRunner._get_prompt_logprobs_dict` in
+    vllm/v1/worker/gpu_model_runner.py, which the CPU runner inherits) fills
+    prompt log-probs from `start_tok = num_computed_tokens + 1`: the log-prob of
+    token i needs the logits at i - 1, and positions read from the cache have
+    none. Earlier entries are uninitialised memory, not log-probs.
+    """
+    return cached_tokens + 1
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token id lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
 
 #: What vLLM says when an input does not fit (vllm/renderers/params.py,
 #: TokenizeParams._token_len_check and _text_len_check; older releases raise
@@ -46,17 +116,25 @@ class VLLMBackend(RemoteBackend):
 
     protocol = "vllm"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, member: MemberConfig, **kwargs: Any) -> None:
+        super().__init__(member, **kwargs)
+        self.scoring = member.scoring
+        self.scoring_path = "echo"
+        self._context_ids: OrderedDict[str, list[int]] = OrderedDict()
         #: max_tokens of a scoring call: 0 unless the server refuses it (see the module docstring).
         self._score_max_tokens = 0
         #: A BOS text to drop from the front of prompts, for servers that add it whatever we ask.
         self._strip_prefix = ""
 
-    def _body(self, prompt: str, **fields: Any) -> dict[str, Any]:
+    def _sent(self, prompt: str) -> str:
+        """The prompt as sent: without the BOS a server adds whatever it is asked (see info())."""
         if self._strip_prefix and prompt.startswith(self._strip_prefix):
-            prompt = prompt[len(self._strip_prefix) :]
-        return {"model": self._served_model, "prompt": prompt, "add_special_tokens": False, **fields}
+            return prompt[len(self._strip_prefix) :]
+        return prompt
+
+    def _body(self, prompt: str | list[str], **fields: Any) -> dict[str, Any]:
+        sent = [self._sent(p) for p in prompt] if isinstance(prompt, list) else self._sent(prompt)
+        return {"model": self._served_model, "prompt": sent, "add_special_tokens": False, **fields}
 
     @property
     def _served_model(self) -> str:
@@ -87,6 +165,18 @@ class VLLMBackend(RemoteBackend):
         extra: dict[str, Any] = {**extras, "bos_text": bos, "replicas": len(self.urls)}
         if cannot_score:
             extra["cannot_score"] = cannot_score
+        path, reason = await self._choose_scoring_path(
+            model_id, not cannot_score, int(window) if window else None
+        )
+        if self.scoring == "tokens" and path != "tokens":
+            raise CapabilityError(
+                f"scoring='tokens' was asked for, but {reason}; use scoring='auto' or 'echo'",
+                member=self.member_name,
+                endpoint=self.endpoint,
+            )
+        self.scoring_path = path
+        extra["scoring_path"] = path
+        extra["scoring_path_reason"] = reason
         self._info = BackendInfo(
             model_id=model_id,
             context_window=int(window) if window else None,
@@ -201,6 +291,96 @@ class VLLMBackend(RemoteBackend):
             tokens, values = tokens[:prompt_tokens], values[:prompt_tokens]
         return tokens, values
 
+    async def _choose_scoring_path(
+        self, model_id: str, can_score: bool, window: int | None
+    ) -> tuple[str, str]:
+        """The cheapest correct scoring path this server offers, and why."""
+        if self.scoring == "echo":
+            return "echo", "scoring='echo' was asked for"
+        if not can_score:
+            return "echo", "the server returns no prompt log-probs"
+        try:
+            ids = await self._token_ids("The quick brown fox jumps over the lazy dog. " * 40)
+        except RemoteError as exc:
+            return "echo", f"the server has no usable /tokenize ({exc})"
+        length = min(_PROBE_TOKENS, (window or _PROBE_TOKENS + 2) - 2)
+        ids = (ids * (length // max(1, len(ids)) + 1))[:length]
+        body = self._tokens_body(model_id, ids)
+
+        async def twice(url: str) -> Any:
+            # Both on one replica: the second must find the first in that server's cache.
+            await self._post_tokens(url, body)
+            return (await self._post_tokens(url, body))[0]
+
+        try:
+            second = await self.call(f"probe POST {TOKENS_ROUTE}", twice)
+        except RemoteError as exc:
+            if exc.status in (404, 405):
+                return "echo", (
+                    f"the server has no {TOKENS_ROUTE} (start vLLM with --enable-scale-out "
+                    "and --enable-prompt-tokens-details for verification that reuses its prefix cache)"
+                )
+            return "echo", f"the token-in route failed its probe ({exc})"
+        cached = reported_cached_tokens(second)
+        if cached is None:
+            return "echo", (
+                "the server does not report cached prompt tokens, so cached positions cannot be told "
+                "apart (start vLLM with --enable-prompt-tokens-details)"
+            )
+        if cached == 0:
+            return "echo", "the server's prefix cache is off: token ids in would cost as much as echo"
+        return "tokens", f"token ids in, prefix cache read ({cached} of {len(ids)} probe tokens cached)"
+
+    async def _post_tokens(self, url: str, body: dict[str, Any]) -> tuple[Any, int]:
+        """One request to the token-in route, and how many earlier tries of it failed.
+
+        The prompt log-probs of cached positions are uninitialised memory (see
+        `valid_from`); when that memory happens to hold a NaN or an infinity,
+        vLLM cannot encode its JSON answer and returns HTTP 400 "Out of range
+        float values are not JSON compliant" after computing it. Another try
+        reads other memory.
+        """
+        for attempt in range(_UNENCODABLE_TRIES):
+            try:
+                return await self._post(url, TOKENS_ROUTE, body), attempt
+            except RemoteError as exc:
+                if exc.status != 400 or "JSON compliant" not in str(exc) or attempt == _UNENCODABLE_TRIES - 1:
+                    raise
+        raise AssertionError("unreachable: the last try returns or raises")
+
+    def _tokens_body(self, model_id: str, ids: list[int]) -> dict[str, Any]:
+        # The GenerateRequest of vllm/entrypoints/scale_out/token_in_token_out/protocol.py.
+        # SamplingParams refuses max_tokens 0 (vllm/sampling_params.py, _verify_args).
+        return {
+            "model": model_id,
+            "token_ids": ids,
+            "sampling_params": {
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "prompt_logprobs": 0,
+                "skip_reading_prefix_cache": False,
+                "detokenize": False,
+            },
+        }
+
+    async def _token_ids(self, text: str) -> list[int]:
+        """The server's own token ids of text, with no special tokens added."""
+        data = await self.call(
+            "POST /tokenize",
+            lambda url: self._post(url, "/tokenize", {"prompt": text, "add_special_tokens": False}),
+        )
+        return [int(t) for t in data.get("tokens") or []]
+
+    async def _context_token_ids(self, context: str) -> list[int]:
+        if context in self._context_ids:
+            self._context_ids.move_to_end(context)
+            return self._context_ids[context]
+        ids = await self._token_ids(context)
+        self._context_ids[context] = ids
+        while len(self._context_ids) > _CONTEXT_CACHE:
+            self._context_ids.popitem(last=False)
+        return ids
+
     async def draft(
         self, context: str, *, max_tokens: int, sampling: Sampling, stop: Sequence[str] = ()
     ) -> Draft:
@@ -227,27 +407,155 @@ class VLLMBackend(RemoteBackend):
         else:
             finish = "length"
         count = len(lps) if lps else int((data.get("usage") or {}).get("completion_tokens") or 0)
+        usage = data.get("usage") or {}
         return Draft(
-            text=text.rstrip("\ufffd"), token_count=count, finish_reason=finish, token_logprobs=tuple(lps)
+            text=text.rstrip("\ufffd"),
+            token_count=count,
+            finish_reason=finish,
+            token_logprobs=tuple(lps),
+            usage=ServerUsage(
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                cached_tokens=reported_cached_tokens(data),
+            )
+            if usage
+            else None,
         )
 
     async def score(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
-        return await self.gather_calls([self._score_one(context, c) for c in candidates])
+        if self.scoring_path == "tokens":
+            return await self.gather_calls([self._score_tokens(context, c) for c in candidates])
+        if self._score_max_tokens:
+            # A server that generates while echoing: one prompt per request, so that
+            # usage.prompt_tokens says where each echoed prompt ends.
+            return await self.gather_calls([self._score_echo(context, [c]) for c in candidates])
+        return await self._score_echo(context, candidates)
 
-    async def _score_one(self, context: str, candidate: str) -> CandidateScore:
-        full = context + candidate
-        body = self._body(full, max_tokens=self._score_max_tokens, echo=True, logprobs=1, temperature=0.0)
+    async def _score_echo(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
+        """All candidates in one echo request (the completions API takes a list of prompts)."""
+        fulls = [context + c for c in candidates]
+        body = self._body(
+            fulls if len(fulls) > 1 else fulls[0],
+            max_tokens=self._score_max_tokens,
+            echo=True,
+            logprobs=1,
+            temperature=0.0,
+        )
+        # With a local tokenizer to align on, ask for token ids instead of per-token texts
+        # ("token_id:N"; vLLM entrypoints/openai/protocol.py, return_tokens_as_token_ids).
+        by_ids = await asyncio.to_thread(self.alignment_tokenizer) is not None
+        if by_ids:
+            body["return_tokens_as_token_ids"] = True
         data = await self.call(
             "POST /v1/completions (echo)", lambda url: self._post(url, "/v1/completions", body)
         )
-        tokens, values = self._prompt_logprobs(data)
-        if not tokens:
-            raise CapabilityError(
-                "the server returned no prompt log-probs for echo+logprobs",
+        choices = sorted(data.get("choices") or [], key=lambda c: int(c.get("index") or 0))
+        if len(choices) != len(fulls):
+            raise BackendError(
+                f"the server answered {len(choices)} choices for {len(fulls)} prompts",
                 member=self.member_name,
                 endpoint=self.endpoint,
             )
-        return self.pick_covering(full, len(context), tokens, values)
+        # Prompt log-probs make vLLM skip its prefix cache (vllm/sampling_params.py,
+        # SamplingParams.__post_init__): every prompt token is computed, whether or not
+        # the server reports it. The batch's usage rides on the first candidate.
+        prompt_tokens = int((data.get("usage") or {}).get("prompt_tokens") or 0)
+        scores = []
+        for i, (full, choice) in enumerate(zip(fulls, choices, strict=True)):
+            if len(fulls) == 1:
+                tokens, values = self._prompt_logprobs(data)
+            else:
+                lp = choice.get("logprobs") or {}
+                tokens, values = lp.get("tokens") or [], lp.get("token_logprobs") or []
+            if not tokens:
+                raise CapabilityError(
+                    "the server returned no prompt log-probs for echo+logprobs",
+                    member=self.member_name,
+                    endpoint=self.endpoint,
+                )
+            ids = _token_ids(tokens) if by_ids else None
+            sent = self._sent(full)
+            picked = await self.pick_covering(
+                sent, len(sent) - (len(full) - len(context)), tokens, values, ids
+            )
+            usage = ServerUsage(
+                prompt_tokens=prompt_tokens if i == 0 else 0,
+                cached_tokens=0,
+                requests=1 if i == 0 else 0,
+                path="echo",
+            )
+            scores.append(CandidateScore(picked.token_logprobs, usage=usage))
+        return scores
+
+    async def _candidate_start(self, context: str, context_ids: list[int], full_ids: list[int]) -> int:
+        """Index in full_ids of the first token covering the candidate (see Backend.score).
+
+        When the context's token ids are a prefix of the full text's, that is where
+        they end. Otherwise the context's last tokens merged with the candidate's
+        first: the first differing token starts inside the context, and covers the
+        candidate unless it still ends inside the context, which the server's own
+        detokenizer decides.
+        """
+        start = common_prefix(context_ids, full_ids)
+        while start < len(context_ids) and start < len(full_ids) - 1:
+            head = await self.call(
+                "POST /detokenize",
+                lambda url, n=start + 1: self._post(url, "/detokenize", {"tokens": full_ids[:n]}),
+            )
+            if not context.startswith(str(head.get("prompt") or "\ufffd")):
+                break
+            start += 1
+        return start
+
+    async def _score_tokens(self, context: str, candidate: str) -> CandidateScore:
+        """One candidate through the token-in route, reading the prefix cache.
+
+        A log-prob is used only where the server computed it: if the cached-token
+        count the response reports reaches into the candidate (its own draft, or
+        another verifier's request, may have put those tokens in the cache), or
+        is not reported, the candidate is scored by echo instead.
+        """
+        context_ids, full_ids = await asyncio.gather(
+            self._context_token_ids(context), self._token_ids(context + candidate)
+        )
+        start = await self._candidate_start(context, context_ids, full_ids)
+        if start >= len(full_ids):
+            raise BackendError(
+                f"candidate {candidate!r} adds no token after the context",
+                member=self.member_name,
+                endpoint=self.endpoint,
+            )
+        body = self._tokens_body(self._served_model, full_ids)
+        data, failed = await self.call(
+            f"POST {TOKENS_ROUTE} (prompt log-probs)", lambda url: self._post_tokens(url, body)
+        )
+        cached = reported_cached_tokens(data)
+        # A failed try was computed too, but its answer (and cached count) was lost:
+        # it is counted with the cached count of the try that succeeded.
+        tries = failed + 1
+        usage = ServerUsage(
+            prompt_tokens=len(full_ids) * tries,
+            cached_tokens=None if cached is None else cached * tries,
+            requests=tries,
+            path="tokens",
+        )
+        if cached is None or valid_from(cached) > start:
+            fallback = (await self._score_echo(context, [candidate]))[0]
+            assert fallback.usage is not None
+            return CandidateScore(fallback.token_logprobs, usage=usage + fallback.usage)
+        rows = data.get("prompt_logprobs") or []
+        values: list[float] = []
+        for i in range(start, len(full_ids)):
+            entry = (rows[i] if i < len(rows) else None) or {}
+            # JSON object keys are strings: the dict[int, Logprob] of the response.
+            found = entry.get(str(full_ids[i]))
+            if found is None or found.get("logprob") is None:
+                raise BackendError(
+                    f"the server returned no log-prob for prompt token {i} of {len(full_ids)}",
+                    member=self.member_name,
+                    endpoint=self.endpoint,
+                )
+            values.append(float(found["logprob"]))
+        return CandidateScore(tuple(values), usage=usage)
 
     async def count_tokens(self, text: str) -> int:
         try:
@@ -314,3 +622,14 @@ class VLLMBackend(RemoteBackend):
                 return None
             raise
         return str(text.get("prompt") or "") or None
+
+
+def _token_ids(tokens: Sequence[str]) -> list[int] | None:
+    """Ids from vLLM's "token_id:N" strings, or None if the server ignored the request for them."""
+    ids = []
+    for token in tokens:
+        head, _, number = str(token).partition("token_id:")
+        if head or not number.isdigit():
+            return None
+        ids.append(int(number))
+    return ids

@@ -15,8 +15,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from specfuse.backends._http import RemoteError
 from specfuse.backends._remote import RemoteBackend, cut_at_stop
-from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling
+from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling, ServerUsage
 
 #: Tokens before the context boundary whose log-probs are also requested (boundary merges).
 _MARGIN = 3
@@ -30,6 +31,8 @@ class SGLangBackend(RemoteBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._context_tokens: OrderedDict[str, int] = OrderedDict()
+        #: What learning a context's token count cost, not yet charged to a score call.
+        self._uncharged: ServerUsage | None = None
 
     async def _generate(self, payload: dict[str, Any], what: str = "POST /generate") -> Any:
         return await self.call(what, lambda url: self._post(url, "/generate", payload))
@@ -40,6 +43,14 @@ class SGLangBackend(RemoteBackend):
         data = await self.call(
             "GET /get_model_info", lambda url: self._post(url, "/get_model_info", None, method="GET")
         )
+        try:
+            server = await self.call(
+                "GET /get_server_info", lambda url: self._post(url, "/get_server_info", None, method="GET")
+            )
+        except RemoteError as exc:
+            if exc.status != 404:
+                raise
+            server = {}  # a build without the route: the window stays unknown (checked by the server)
         probe = await self._generate(
             {
                 "text": "Hello world",
@@ -51,13 +62,13 @@ class SGLangBackend(RemoteBackend):
         )
         lps = (probe.get("meta_info") or {}).get("input_token_logprobs") or []
         extras = await asyncio.to_thread(self.text_extras)
-        window = data.get("context_length") or data.get("max_total_num_tokens")
+        window = context_window(server)
         self._info = BackendInfo(
             model_id=str(data.get("model_path") or self.model),
             context_window=int(window) if window else None,
             can_score=any(row and row[0] is not None for row in lps),
             concurrent_calls=True,
-            extra={**extras, "replicas": len(self.urls)},
+            extra={**extras, "replicas": len(self.urls), "version": server.get("version")},
         )
         return self._info
 
@@ -68,7 +79,9 @@ class SGLangBackend(RemoteBackend):
         if sampling.temperature > 0:
             params["top_p"] = sampling.top_p
             if sampling.seed is not None:
-                params["seed"] = sampling.seed
+                # SGLang's name; an unknown field such as `seed` fails the whole request
+                # (python/sglang/srt/sampling/sampling_params.py, SamplingParams).
+                params["sampling_seed"] = sampling.seed
         if stop:
             params["stop"] = list(stop)
         data = await self._generate({"text": context, "sampling_params": params, "return_logprob": True})
@@ -89,6 +102,7 @@ class SGLangBackend(RemoteBackend):
             token_count=max(0, count),
             finish_reason=finish,
             token_logprobs=tuple(float(r[0]) for r in out if r and r[0] is not None),
+            usage=_usage(meta),
         )
 
     async def _count_context(self, context: str) -> int:
@@ -96,7 +110,9 @@ class SGLangBackend(RemoteBackend):
             self._context_tokens.move_to_end(context)
             return self._context_tokens[context]
         data = await self._generate({"text": context, "sampling_params": {"max_new_tokens": 0}})
-        n = int((data.get("meta_info") or {}).get("prompt_tokens") or 0)
+        meta = data.get("meta_info") or {}
+        n = int(meta.get("prompt_tokens") or 0)
+        self._uncharged = _usage(meta)
         self._context_tokens[context] = n
         while len(self._context_tokens) > 16:
             self._context_tokens.popitem(last=False)
@@ -104,7 +120,11 @@ class SGLangBackend(RemoteBackend):
 
     async def score(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
         start = max(0, await self._count_context(context) - _MARGIN)
-        return await self.gather_calls([self._score_one(context, c, start) for c in candidates])
+        scores = await self.gather_calls([self._score_one(context, c, start) for c in candidates])
+        warm, self._uncharged = self._uncharged, None
+        if warm is not None and scores and scores[0].usage is not None:
+            scores[0] = CandidateScore(scores[0].token_logprobs, usage=warm + scores[0].usage)
+        return scores
 
     async def _score_one(self, context: str, candidate: str, start: int) -> CandidateScore:
         full = context + candidate
@@ -118,8 +138,45 @@ class SGLangBackend(RemoteBackend):
             },
             "POST /generate (logprobs)",
         )
-        rows = (data.get("meta_info") or {}).get("input_token_logprobs") or []
-        return self.pick_covering(full, len(context), [r[2] for r in rows], [r[0] for r in rows])
+        meta = data.get("meta_info") or {}
+        rows = meta.get("input_token_logprobs") or []
+        picked = await self.pick_covering(
+            full, len(context), [r[2] for r in rows], [r[0] for r in rows], [int(r[1]) for r in rows]
+        )
+        usage = _usage(meta)
+        if usage is not None:
+            usage = ServerUsage(usage.prompt_tokens, usage.cached_tokens, path="logprob_start_len")
+        return CandidateScore(picked.token_logprobs, usage=usage)
 
     async def count_tokens(self, text: str) -> int:
         return await self._count_context(text)
+
+
+def context_window(server_info: dict[str, Any]) -> int | None:
+    """The longest input an SGLang server accepts, from GET /get_server_info.
+
+    /get_model_info carries no length at all (model_path, tokenizer_path,
+    is_generation). /get_server_info is the ServerArgs (whose `context_length`
+    is null unless set on the command line) merged with the scheduler's info,
+    whose `max_req_input_len` is the limit the server enforces; newer versions
+    nest the scheduler's part in `internal_states` (python/sglang/srt/entrypoints/
+    http_server.py, get_server_info).
+    """
+    states = server_info.get("internal_states")
+    nested = states[0] if isinstance(states, list) and states and isinstance(states[0], dict) else {}
+    for value in (
+        server_info.get("max_req_input_len"),
+        nested.get("max_req_input_len"),
+        server_info.get("context_length"),
+    ):
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _usage(meta: dict[str, Any]) -> ServerUsage | None:
+    """The cost SGLang reports in `meta_info` (`prompt_tokens`, `cached_tokens`)."""
+    if "prompt_tokens" not in meta:
+        return None
+    cached = meta.get("cached_tokens")
+    return ServerUsage(int(meta["prompt_tokens"]), int(cached) if cached is not None else None)

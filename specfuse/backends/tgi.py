@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from specfuse.backends._http import RemoteError, RetryableError, error_from_status
-from specfuse.backends._remote import RemoteBackend, cut_at_stop
+from specfuse.backends._remote import RemoteBackend, count_from_offsets, cut_at_stop
 from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling
-from specfuse.errors import CapabilityError
+from specfuse.errors import CapabilityError, ConfigError
 
 _FINISH: dict[str, FinishReason] = {"length": "length", "eos_token": "eos", "stop_sequence": "stop"}
 
@@ -34,6 +34,7 @@ class TGIBackend(RemoteBackend):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        _httpx2()  # fail at configuration time, not on the first request
         self._hub_clients: dict[tuple[int, str], tuple[asyncio.AbstractEventLoop, Any]] = {}
         self._max_stops = 4
 
@@ -62,7 +63,10 @@ class TGIBackend(RemoteBackend):
     async def _generate(self, url: str, prompt: str, **params: Any) -> Any:
         client = self.hub_client(url)
         try:
-            return await client.text_generation(prompt, details=True, **params)
+            # text_generation() posts to the URL itself, TGI's compat route, where an unset
+            # return_full_text means true for "text-generation" models (router/src/server.rs,
+            # compat_generate): the draft would start with the whole prompt.
+            return await client.text_generation(prompt, details=True, return_full_text=False, **params)
         except Exception as exc:
             raise _as_remote_error(exc) from None
 
@@ -143,7 +147,26 @@ class TGIBackend(RemoteBackend):
                 member=self.member_name,
                 endpoint=self.endpoint,
             )
-        return self.pick_covering(full, len(context), [p.text for p in prefill], [p.logprob for p in prefill])
+        return await self.pick_covering(
+            full,
+            len(context),
+            [p.text for p in prefill],
+            [p.logprob for p in prefill],
+            [p.id for p in prefill],
+        )
+
+    async def count_from_server(self, full_text: str, context_length: int, ids: Sequence[int]) -> int | None:
+        # TGI's /tokenize gives each token's start/stop in bytes of the input
+        # (router/src/server.rs, encoding_to_tokens): exact, unlike per-token texts.
+        tokens = await self.call(
+            "POST /tokenize", lambda url: self._post(url, "/tokenize", {"inputs": full_text})
+        )
+        if not isinstance(tokens, list) or not all(isinstance(t, dict) and "stop" in t for t in tokens):
+            return None
+        boundary = len(full_text[:context_length].encode("utf-8"))
+        return count_from_offsets(
+            [int(t["id"]) for t in tokens], [(int(t["start"]), int(t["stop"])) for t in tokens], boundary, ids
+        )
 
     async def count_tokens(self, text: str) -> int:
         data = await self.call("POST /tokenize", lambda url: self._post(url, "/tokenize", {"inputs": text}))
@@ -174,6 +197,24 @@ class TGIBackend(RemoteBackend):
         await super().aclose()
 
 
+def _httpx2() -> Any:
+    """The httpx2 module that huggingface_hub >= 2.0 is built on, or a ConfigError saying how to get it."""
+    try:
+        import httpx2
+    except ImportError:
+        try:
+            from importlib.metadata import version
+
+            found = f"huggingface_hub {version('huggingface_hub')} is installed"
+        except Exception:  # not installed at all, or no metadata
+            found = "huggingface_hub is not installed"
+        raise ConfigError(
+            f"the TGI backend needs huggingface_hub >= 2.0 (which brings httpx2), but {found}: "
+            "run `pip install -U 'huggingface_hub>=2.0,<3'`"
+        ) from None
+    return httpx2
+
+
 def _session(client: Any) -> Any:
     """The HTTP session of one AsyncInferenceClient.
 
@@ -182,7 +223,7 @@ def _session(client: Any) -> Any:
     user configured; it also follows redirects (carrying the token along) and
     reads proxy settings from the environment. This session does neither.
     """
-    import httpx2
+    httpx2 = _httpx2()
     from huggingface_hub.utils._http import async_hf_response_event_hook
 
     session = httpx2.AsyncClient(
@@ -197,7 +238,7 @@ def _session(client: Any) -> Any:
 
 def _as_remote_error(exc: BaseException) -> BaseException:
     """huggingface_hub / httpx2 exceptions -> specfuse's (retryable or not), keeping the server's message."""
-    import httpx2
+    httpx2 = _httpx2()
 
     if isinstance(exc, RemoteError):
         return exc

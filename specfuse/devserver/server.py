@@ -83,6 +83,34 @@ class Runner:
             (i, int(s), int(e)) for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
         ]
 
+    def tgi_tokens(self, text: str) -> list[dict[str, Any]]:
+        """TGI's /tokenize rows: start/stop are BYTE offsets into the input, and the text is
+        those bytes decoded lossily (router/src/server.rs, encoding_to_tokens: the Rust
+        tokenizers crate reports byte offsets and the router slices `input.bytes()`)."""
+        data = text.encode("utf-8")
+        starts = [0]
+        for ch in text:
+            starts.append(starts[-1] + len(ch.encode("utf-8")))
+        rows = []
+        for i, s, e in self.offsets(text):
+            bs, be = starts[s], starts[e]
+            rows.append({"id": i, "text": data[bs:be].decode("utf-8", "replace"), "start": bs, "stop": be})
+        return rows
+
+    def vllm_token_text(self, ids: Sequence[int], j: int) -> str:
+        """A prompt token's text as vLLM (late 2025 on) reports it: a piece of a split
+        character is decoded with up to 3 tokens before it and gives what it completes, or
+        "" when it completes nothing (vllm/v1/engine/logprobs.py, _correct_decoded_token)."""
+        alone = self.token_text(ids[j])
+        if "\ufffd" not in alone:
+            return alone
+        for k in range(1, min(3, j) + 1):
+            whole = self.tokenizer.decode(list(ids[j - k : j + 1]), skip_special_tokens=False)
+            if not whole.endswith("\ufffd"):
+                before = self.tokenizer.decode(list(ids[j - k : j]), skip_special_tokens=False)
+                return whole[len(before.rstrip("\ufffd")) :]
+        return ""
+
     # -- forward passes (call from a worker thread) -------------------------------
 
     def prompt_logprobs(self, ids: list[int], start: int = 0) -> list[float | None]:
@@ -201,6 +229,8 @@ class ServeOptions:
     max_stop_sequences: int = 4
     api_key: str | None = None
     dtype: str = "float32"
+    #: TGI: the model's pipeline tag; "text-generation" makes the compat route return the full text.
+    pipeline_tag: str = "text-generation"
 
 
 def build_app(options: ServeOptions, runner: Runner | None = None) -> Any:
@@ -220,9 +250,12 @@ def build_app(options: ServeOptions, runner: Runner | None = None) -> Any:
         if options.protocol == "tgi":
             body: dict[str, Any] = {"error": message, "error_type": kind}
         elif options.protocol == "vllm":
-            body = {"object": "error", "message": message, "type": kind, "code": status}
+            # vllm/entrypoints/openai/protocol.py, ErrorResponse: {"error": ErrorInfo} since
+            # late 2025 (older versions sent the ErrorInfo fields at the top level).
+            body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
         else:
-            body = {"error": {"message": message, "type": kind, "code": status}}
+            # python/sglang/srt/entrypoints/http_server.py, _create_error_response.
+            body = {"error": {"message": message}}
         return JSONResponse(body, status_code=status)
 
     @app.middleware("http")
@@ -331,7 +364,9 @@ def _tgi_routes(
             )
         return body["inputs"], params
 
-    async def generate_response(body: Any) -> tuple[dict[str, Any], Generation, int] | JSONResponse:
+    async def generate_response(
+        body: Any, default_full_text: bool = False
+    ) -> tuple[dict[str, Any], Generation, int] | JSONResponse:
         parsed = parse(body)
         if isinstance(parsed, JSONResponse):
             return parsed
@@ -354,7 +389,8 @@ def _tgi_routes(
             ids, max_new, temperature, top_p, seed, list(params.get("stop") or [])
         )
         text = generation.text
-        if params.get("return_full_text"):
+        full_text = params.get("return_full_text")
+        if full_text if full_text is not None else default_full_text:
             text = inputs + text
         result: dict[str, Any] = {"generated_text": text}
         if params.get("details", False):
@@ -427,7 +463,10 @@ def _tgi_routes(
         body = await request.json()
         if isinstance(body, dict) and body.get("stream"):
             return await stream(body)
-        made = await generate_response(body)
+        # router/src/server.rs, compat_generate: an unset return_full_text takes the server's
+        # default, true when the model's pipeline tag is "text-generation" (run(),
+        # compat_return_full_text); huggingface_hub's text_generation() posts here.
+        made = await generate_response(body, default_full_text=options.pipeline_tag == "text-generation")
         return made if isinstance(made, JSONResponse) else JSONResponse([made[0]])
 
     @app.get("/info")
@@ -436,7 +475,7 @@ def _tgi_routes(
             {
                 "model_id": model_id,
                 "model_sha": None,
-                "model_pipeline_tag": "text-generation",
+                "model_pipeline_tag": options.pipeline_tag,
                 "max_concurrent_requests": options.max_concurrent_requests,
                 "max_best_of": 1,
                 "max_stop_sequences": options.max_stop_sequences,
@@ -457,9 +496,7 @@ def _tgi_routes(
         if not isinstance(body, dict) or not isinstance(body.get("inputs"), str):
             return error(422, "Input validation error: `inputs` must be a string", "validation")
         inputs = body["inputs"]
-        return JSONResponse(
-            [{"id": i, "text": inputs[s:e], "start": s, "stop": e} for i, s, e in runner.offsets(inputs)]
-        )
+        return JSONResponse(runner.tgi_tokens(inputs))
 
     @app.post("/chat_tokenize")
     async def chat_tokenize(request: Request) -> Any:
@@ -476,8 +513,17 @@ def _tgi_routes(
             )
         except Exception as exc:  # a template raising on odd input is the caller's error
             return error(422, f"Template error: {exc}", "template_error")
-        tokens = [{"id": i, "text": text[s:e], "start": s, "stop": e} for i, s, e in runner.offsets(text)]
-        return JSONResponse({"tokenize_response": tokens, "templated_text": text})
+        # TGI >= 3.0 continues a final assistant message instead of opening a new turn: the
+        # rendering is cut right after that message's content and trimmed
+        # (router/src/infer/chat_template.rs, ChatTemplate::apply), so no end-of-turn follows.
+        messages = body.get("messages") or []
+        last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+        content = last.get("content")
+        if last.get("role") == "assistant" and isinstance(content, str):
+            index = text.rfind(content)
+            if index != -1:
+                text = text[: index + len(content)].rstrip()
+        return JSONResponse({"tokenize_response": runner.tgi_tokens(text), "templated_text": text})
 
 
 # -- vLLM -----------------------------------------------------------------------
@@ -510,12 +556,62 @@ def _vllm_routes(
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
         body = await request.json()
-        ids = runner.encode(body.get("prompt", ""), add_special_tokens=body.get("add_special_tokens", True))
-        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": max_total})
+        if "messages" in body:
+            # vllm/entrypoints/openai/serving_tokenization.py (TokenizeChatRequest): the
+            # server's own chat template; add_generation_prompt defaults to true and
+            # add_special_tokens to false (the template carries any BOS).
+            tok = runner.tokenizer
+            if not tok.chat_template:
+                return error(
+                    400,
+                    "As of transformers v4.44, default chat template is no longer allowed, so you must "
+                    "provide a chat template if the tokenizer does not define one.",
+                    "BadRequestError",
+                )
+            text = tok.apply_chat_template(
+                body["messages"],
+                tools=body.get("tools"),
+                tokenize=False,
+                add_generation_prompt=body.get("add_generation_prompt", True),
+                continue_final_message=body.get("continue_final_message", False),
+            )
+            ids = runner.encode(text, add_special_tokens=body.get("add_special_tokens", False))
+        else:
+            special = body.get("add_special_tokens", True)
+            ids = runner.encode(body.get("prompt", ""), add_special_tokens=special)
+        result: dict[str, Any] = {"tokens": ids, "count": len(ids), "max_model_len": max_total}
+        if body.get("return_token_strs"):
+            result["token_strs"] = runner.tokenizer.convert_ids_to_tokens(ids)
+        return JSONResponse(result)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        # serving_tokenization.py, create_detokenize: {"tokens": [ids]} -> {"prompt": text}.
+        body = await request.json()
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            return error(400, "tokens must be a list of integers", "BadRequestError")
+        return JSONResponse({"prompt": runner.tokenizer.decode(tokens, skip_special_tokens=False)})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> JSONResponse:
         body = await request.json()
+        prompts = body.get("prompt")
+        if not (isinstance(prompts, list) and len(prompts) > 1 and all(isinstance(p, str) for p in prompts)):
+            return await complete_one(body)
+        # A list of prompts gives one choice per prompt, `index` in prompt order, and
+        # the usage summed (vllm/entrypoints/openai/completion/serving.py,
+        # OpenAIServingCompletion.request_output_to_completion_response).
+        answers = [await complete_one({**body, "prompt": p}) for p in prompts]
+        if any(a.status_code != 200 for a in answers):
+            return next(a for a in answers if a.status_code != 200)
+        parts = [json.loads(bytes(a.body)) for a in answers]
+        merged = parts[0]
+        merged["choices"] = [{**p["choices"][0], "index": i} for i, p in enumerate(parts)]
+        merged["usage"] = {k: sum(p["usage"][k] for p in parts) for k in merged["usage"]}
+        return JSONResponse(merged)
+
+    async def complete_one(body: dict[str, Any]) -> JSONResponse:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
@@ -525,7 +621,14 @@ def _vllm_routes(
         ids = runner.encode(prompt)
         bad = validate(ids, max_tokens)
         if bad is not None:
-            return error(400, "This model's maximum context length is exceeded", "BadRequestError")
+            # vllm/entrypoints/openai/serving_engine.py, OpenAIServing._validate_input.
+            return error(
+                400,
+                f"This model's maximum context length is {max_total} tokens. However, you requested "
+                f"{len(ids) + int(max_tokens or 0)} tokens ({len(ids)} in the messages, {max_tokens} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                "BadRequestError",
+            )
         temperature = float(body.get("temperature", 1.0))
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)
@@ -543,7 +646,7 @@ def _vllm_routes(
         if want_logprobs is not None:
             tokens, token_lps = [], []
             if body.get("echo"):
-                tokens += [runner.token_text(i) for i in ids]
+                tokens += [runner.vllm_token_text(ids, j) for j in range(len(ids))]
                 token_lps += list(prompt_lp or [])
             gen = [
                 t
@@ -552,6 +655,10 @@ def _vllm_routes(
             ]
             tokens += [t.text for t in gen]
             token_lps += [t.logprob for t in gen]
+            if body.get("return_tokens_as_token_ids"):
+                # vllm/entrypoints/openai/serving_completion.py: tokens become "token_id:N".
+                all_ids = (list(ids) if body.get("echo") else []) + [t.id for t in gen]
+                tokens = [f"token_id:{i}" for i in all_ids]
             offsets, pos = [], 0
             for t in tokens:
                 offsets.append(pos)
@@ -609,15 +716,25 @@ def _sglang_routes(
     from fastapi import Request
     from fastapi.responses import JSONResponse
 
+    # python/sglang/srt/entrypoints/http_server.py, get_model_info: no length here.
     @app.get("/get_model_info")
     async def model_info() -> JSONResponse:
+        info = {"model_path": model_id, "tokenizer_path": str(runner.path), "is_generation": True}
+        return JSONResponse(info)
+
+    # get_server_info: the ServerArgs (context_length stays null unless given on the command
+    # line) merged with the scheduler's info (max_total_num_tokens, max_req_input_len).
+    @app.get("/get_server_info")
+    async def server_info() -> JSONResponse:
         return JSONResponse(
             {
                 "model_path": model_id,
                 "tokenizer_path": str(runner.path),
-                "is_generation": True,
+                "context_length": options.max_total_tokens,
                 "max_total_num_tokens": max_total,
-                "context_length": max_total,
+                "max_req_input_len": max_total - 1,
+                "internal_states": [{"last_gen_throughput": 0.0}],
+                "version": "0.5.20-specfuse",
             }
         )
 
@@ -628,15 +745,38 @@ def _sglang_routes(
         if not isinstance(text, str):
             return error(400, "text must be a string", "BadRequestError")
         sp = body.get("sampling_params") or {}
-        max_new = int(sp.get("max_new_tokens", 128))
+        # python/sglang/srt/sampling/sampling_params.py, SamplingParams(**sampling_params):
+        # an unknown field (`seed` instead of `sampling_seed`) fails the request.
+        unknown = sorted(set(sp) - _SGLANG_SAMPLING_FIELDS)
+        if unknown:
+            return error(400, f"Unexpected keyword argument '{unknown[0]}'", "BadRequestError")
+        max_new = int(sp.get("max_new_tokens", 128) if sp.get("max_new_tokens") is not None else 128)
         ids = runner.encode(text)
-        bad = validate(ids, max_new)
-        if bad is not None:
-            return error(400, "The input is longer than the context length", "BadRequestError")
+        if len(ids) >= max_total:
+            # python/sglang/srt/managers/tokenizer_manager.py, _validate_one_request.
+            return error(
+                400,
+                f"The input ({len(ids)} tokens) is longer than the model's context length "
+                f"({max_total} tokens).",
+                "BadRequestError",
+            )
+        if len(ids) + max_new > max_total:
+            return error(
+                400,
+                f"Requested token count exceeds the model's maximum context length of {max_total} tokens. "
+                f"You requested a total of {len(ids) + max_new} tokens: {len(ids)} tokens from the input "
+                f"messages and {max_new} tokens for the completion.",
+                "BadRequestError",
+            )
         stop = sp.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)
         generation = await run_generation(
-            ids, max_new, float(sp.get("temperature", 1.0)), float(sp.get("top_p", 1.0)), sp.get("seed"), stop
+            ids,
+            max_new,
+            float(sp.get("temperature", 1.0)),
+            float(sp.get("top_p", 1.0)),
+            sp.get("sampling_seed"),
+            stop,
         )
         out_text = generation.text
         if generation.matched_stop is not None:
@@ -666,6 +806,18 @@ def _sglang_routes(
         return JSONResponse({"text": out_text, "meta_info": meta})
 
 
+#: SGLang's API-facing sampling fields (python/sglang/srt/sampling/sampling_params.py).
+_SGLANG_SAMPLING_FIELDS = frozenset(
+    {
+        "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k",
+        "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n",
+        "json_schema", "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens",
+        "spaces_between_special_tokens", "no_stop_trim", "custom_params", "stream_interval",
+        "logit_bias", "sampling_seed",
+    }
+)  # fmt: skip
+
+
 # -- command line ------------------------------------------------------------------
 
 
@@ -689,6 +841,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-stop-sequences", type=int, default=4)
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer <key>`")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--pipeline-tag",
+        default="text-generation",
+        help="TGI: the model's pipeline tag (text-generation: POST / returns the prompt too, as in TGI)",
+    )
     parser.add_argument("--log-level", default="warning")
 
 
@@ -708,6 +865,7 @@ def run(args: argparse.Namespace) -> int:
         max_stop_sequences=args.max_stop_sequences,
         api_key=args.api_key,
         dtype=args.dtype,
+        pipeline_tag=args.pipeline_tag,
     )
     app = build_app(options)
     uvicorn.run(app, host=options.host, port=options.port, log_level=args.log_level, access_log=False)
@@ -726,13 +884,6 @@ def register(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m specfuse.serve")
+    parser = argparse.ArgumentParser(prog="python -m specfuse.devserver")
     add_arguments(parser)
     return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    raise SystemExit(main())

@@ -1,0 +1,343 @@
+"""What a fused answer costs a real vLLM server, read from the server's own /metrics.
+
+For contexts of about 100, 1000 and 3000 tokens and 2 and 3 members (the
+same model as separate members on one server, sampled so their drafts
+differ), run one fused answer (exit off) and one solo answer of the same
+length, and diff vLLM's Prometheus counters around each:
+
+- prompt tokens computed: `vllm:prompt_tokens_total - vllm:prompt_tokens_cached_total`
+- prompt tokens read from the prefix cache: `vllm:prompt_tokens_cached_total`
+- generated tokens: `vllm:generation_tokens_total`
+- engine requests: `vllm:request_success_total` (all finish reasons)
+
+(names from vllm/v1/metrics/loggers.py, `PrometheusStatLogger`). Compute is
+prompt tokens computed + generated tokens; the table prints fused / solo and
+that ratio divided by the number of members N (goal: <= 1.5 on the cheapest
+path at ~1000 tokens with 3 members). Each scoring path is run: "echo"
+(/v1/completions, the whole prompt re-read per request) and "tokens"
+(/inference/v1/generate with the prefix cache read). The trace's own per-call
+`prompt_tokens_computed` sum is printed beside the server's figure.
+
+Each measurement starts its prompt with a fresh nonce (new on every run), so
+no answer finds another's context in the cache; the chat template's few
+tokens before the nonce are shared, but a cache block is 16 (GPU) or 128
+(CPU) tokens, and the block holding the nonce is new.
+
+    # a server this script starts (and stops) from a vLLM virtual environment:
+    .venv/bin/python benchmarks/server_cost.py --vllm-python .venv-vllm/bin/python
+    # or one already running with --enable-scale-out --enable-prompt-tokens-details:
+    .venv/bin/python benchmarks/server_cost.py --url http://127.0.0.1:8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from specfuse import EnsembleConfig, MemberConfig, SpecFuse
+from specfuse.backends.openai_compat import VLLMBackend
+from specfuse.models import resolve_model_path
+
+#: Varied prose for the retrieved "documents" (standard-library docstrings: fixed per Python version).
+_SOURCES = ("argparse", "asyncio", "collections", "decimal", "email", "json", "logging", "pathlib")
+_METRIC = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Counter deltas of one answer."""
+
+    prompt: float
+    cached: float
+    generated: float
+    requests: float
+
+    @property
+    def computed(self) -> float:
+        return self.prompt - self.cached
+
+    @property
+    def compute(self) -> float:
+        """Prompt tokens computed + generated tokens: the server's forward-pass work."""
+        return self.computed + self.generated
+
+
+def read_counters(url: str) -> dict[str, float]:
+    """Sums of the vLLM counters this benchmark reads, over all label sets."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    wanted = {
+        "vllm:prompt_tokens_total": "prompt",
+        "vllm:prompt_tokens_cached_total": "cached",
+        "vllm:generation_tokens_total": "generated",
+        "vllm:request_success_total": "requests",
+    }
+    out = dict.fromkeys(wanted.values(), 0.0)
+    for line in text.splitlines():
+        m = _METRIC.match(line)
+        if m and m["name"] in wanted:
+            out[wanted[m["name"]]] += float(m["value"])
+    return out
+
+
+@contextmanager
+def measured(url: str) -> Iterator[list[Cost]]:
+    """Yields a list that holds the counter deltas of the block once it ends."""
+    box: list[Cost] = []
+    before = read_counters(url)
+    yield box
+    time.sleep(0.5)  # the engine publishes its stats a moment after the response
+    after = read_counters(url)
+    box.append(Cost(**{k: after[k] - before[k] for k in before}))
+
+
+def documents(tokens: int, tokenize: Any) -> str:
+    """About `tokens` tokens of varied prose."""
+    import importlib
+
+    text = ""
+    for name in _SOURCES * 20:
+        text += (importlib.import_module(name).__doc__ or "") + "\n"
+        if len(tokenize(text)) >= tokens:
+            break
+    ids = tokenize(text)[:tokens]
+    return str(httpx.post(URL + "/detokenize", json={"tokens": ids}, timeout=30).json()["prompt"])
+
+
+URL = ""
+
+
+def tokenize(text: str) -> list[int]:
+    data = httpx.post(URL + "/tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=60)
+    return [int(t) for t in data.json()["tokens"]]
+
+
+def messages(docs: str, nonce: int) -> list[dict[str, str]]:
+    return [
+        {
+            "role": "user",
+            "content": f"Request {nonce}. Read these documents.\n\n{docs}\n\n"
+            "Question: what are these documents about? Answer in two sentences.",
+        }
+    ]
+
+
+def fused(
+    model: str, members: int, path: str, msgs: list[dict[str, str]], max_tokens: int, seed: int
+) -> tuple[Any, Cost]:
+    config = EnsembleConfig.build(
+        [
+            MemberConfig(model=model, name=f"m{i + 1}", backend="vllm", urls=[URL], scoring=path, timeout=600)
+            for i in range(members)
+        ],
+        temperature=0.8,
+        max_tokens=max_tokens,
+        model_exit=False,
+    )
+    fuse = SpecFuse(config)
+    for m in fuse.start():  # probes happen here, outside the measured block
+        took = m.info.extra.get("scoring_path")
+        if took != path:
+            raise SystemExit(f"member {m.name} scores by {took!r}, not {path!r}: {m.info.extra}")
+    with measured(URL) as box:
+        result = fuse.generate(msgs, seed=seed)
+    fuse.close()
+    return result, box[0]
+
+
+def solo(model: str, msgs: list[dict[str, str]], tokens: int) -> Cost:
+    """One completion of exactly `tokens` tokens on the member's own rendering of the prompt."""
+    backend = VLLMBackend(MemberConfig(model=model, backend="vllm", urls=[URL]))
+    prompt = asyncio.run(backend.render_chat(msgs))
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "min_tokens": tokens,
+        "temperature": 0.0,
+    }
+    with measured(URL) as box:
+        httpx.post(URL + "/v1/completions", json=body, timeout=600).raise_for_status()
+    return box[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def server(python: str, model_dir: str, max_model_len: int) -> Iterator[str]:
+    port = free_port()
+    cmd = [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_dir,
+        "--served-model-name",
+        os.path.basename(model_dir),
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        str(max_model_len),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--enable-scale-out",
+        "--enable-prompt-tokens-details",
+        # No chunked prefill: vLLM 0.32's CPU build crashes its engine when a seeded
+        # request's prefill is chunked (GPUModelRunner._bookkeeping_sync calls
+        # set_offset on a CPU generator), and seeded drafts of 3000-token prompts are.
+        "--max-num-batched-tokens",
+        str(2 * max_model_len),
+    ]
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        # A busy CPU makes one engine step outlast the default 300 s, which kills the engine.
+        "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600",
+    }
+    log = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"vLLM exited with {proc.returncode}: {' '.join(cmd)}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def main() -> None:
+    global URL
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running vLLM started with the two flags above")
+    where.add_argument("--vllm-python", help="python of a vLLM venv; the script starts the server")
+    parser.add_argument("--model", default="smollm2-135m", help="store name of the served model")
+    parser.add_argument("--contexts", nargs="+", type=int, default=[100, 1000, 3000])
+    parser.add_argument("--members", nargs="+", type=int, default=[2, 3])
+    parser.add_argument("--paths", nargs="+", default=["echo", "tokens"], choices=["echo", "tokens"])
+    parser.add_argument("--max-tokens", type=int, default=20, help="answer length (2 rounds of 10)")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+
+    model_dir = str(resolve_model_path(args.model))
+    with server(args.vllm_python, model_dir, 4096) if args.vllm_python else _given(args.url) as url:
+        URL = url.rstrip("/")
+        served = httpx.get(URL + "/v1/models", timeout=30).json()["data"][0]["id"]
+        model = args.model if served == args.model else served
+        rows = []
+        # Nonces no earlier run on this server used: its prefix cache may still hold those prompts.
+        nonce = time.time_ns() // 1000 % 10**9
+        for ctx in args.contexts:
+            docs = documents(ctx, tokenize)
+            for n in args.members:
+                for path in args.paths:
+                    nonce += 1
+                    msgs = messages(docs, nonce)
+                    result, cost = fused(model, n, path, msgs, args.max_tokens, seed=nonce)
+                    answer = result.trace.completion_tokens
+                    nonce += 1
+                    alone = solo(model, messages(docs, nonce), answer)
+                    trace_computed = result.trace.summary()["prompt_tokens_computed"]
+                    row = {
+                        "context_tokens": len(tokenize(docs)),
+                        "members": n,
+                        "path": path,
+                        "answer_tokens": answer,
+                        "rounds": len(result.trace.rounds),
+                        "fused_prompt_computed": cost.computed,
+                        "fused_prompt_cached": cost.cached,
+                        "fused_generated": cost.generated,
+                        "fused_requests": cost.requests,
+                        "trace_prompt_computed": trace_computed,
+                        "solo_prompt_computed": alone.computed,
+                        "solo_generated": alone.generated,
+                        "ratio": cost.compute / alone.compute,
+                        "ratio_per_member": cost.compute / alone.compute / n,
+                    }
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+
+    table = Table(title=f"server compute per answer, {args.model} on vLLM (from /metrics)")
+    heads = (
+        "context",
+        "N",
+        "path",
+        "answer tok",
+        "rounds",
+        "prompt computed",
+        "prompt cached",
+        "generated",
+        "requests",
+        "trace computed",
+        "solo computed+gen",
+        "fused/solo",
+        "/N",
+    )
+    for h in heads:
+        table.add_column(h, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["context_tokens"]),
+            str(r["members"]),
+            r["path"],
+            str(r["answer_tokens"]),
+            str(r["rounds"]),
+            f"{r['fused_prompt_computed']:.0f}",
+            f"{r['fused_prompt_cached']:.0f}",
+            f"{r['fused_generated']:.0f}",
+            f"{r['fused_requests']:.0f}",
+            str(r["trace_prompt_computed"]),
+            f"{r['solo_prompt_computed']:.0f}+{r['solo_generated']:.0f}",
+            f"{r['ratio']:.2f}",
+            f"{r['ratio_per_member']:.2f}",
+        )
+    Console(width=200).print(table)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+@contextmanager
+def _given(url: str) -> Iterator[str]:
+    yield url
+
+
+if __name__ == "__main__":
+    main()

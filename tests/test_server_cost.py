@@ -1,0 +1,160 @@
+"""What calls cost the servers: the pure logic (usage sums, the trace's fields, the
+cached-position rule of vLLM's token-in route). The real-server proofs are in
+tests/test_real_vllm_cost.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from specfuse.backends.base import ServerUsage, total_usage
+from specfuse.backends.openai_compat import VLLMBackend, common_prefix, reported_cached_tokens, valid_from
+from specfuse.config import MemberConfig
+from specfuse.errors import CapabilityError
+from specfuse.trace import CallRecord, CandidateRecord, FusionTrace, RoundRecord
+from tests.remote_fixtures import server_pool  # noqa: F401 - a session fixture
+
+
+def test_computed_tokens_is_prompt_minus_cached_and_unknown_without_a_cache_count() -> None:
+    assert ServerUsage(prompt_tokens=721, cached_tokens=640).computed_tokens == 81
+    assert ServerUsage(prompt_tokens=721).computed_tokens is None
+
+
+def test_usage_sums_keep_unknown_cache_counts_unknown() -> None:
+    a = ServerUsage(prompt_tokens=100, cached_tokens=96, path="tokens")
+    b = ServerUsage(prompt_tokens=100, cached_tokens=0, path="echo")
+    total = total_usage([a, b])
+    assert total == ServerUsage(prompt_tokens=200, cached_tokens=96, requests=2, path="echo+tokens")
+    assert total_usage([a, ServerUsage(prompt_tokens=5)]) is not None
+    assert total_usage([a, ServerUsage(prompt_tokens=5)]).computed_tokens is None  # type: ignore[union-attr]
+    # A call whose usage is unknown makes the sum unknown, not smaller.
+    assert total_usage([a, None]) is None
+    assert total_usage([]) is None
+
+
+def test_reported_cached_tokens_reads_vllm_usage_details() -> None:
+    assert (
+        reported_cached_tokens({"usage": {"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 0}}})
+        == 0
+    )
+    assert (
+        reported_cached_tokens({"usage": {"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 8}}})
+        == 8
+    )
+    # Without --enable-prompt-tokens-details the field is absent: unknown, never 0.
+    assert reported_cached_tokens({"usage": {"prompt_tokens": 9}}) is None
+    assert reported_cached_tokens({"usage": {"prompt_tokens": 9, "prompt_tokens_details": None}}) is None
+    assert reported_cached_tokens({}) is None
+
+
+@given(cached=st.integers(0, 4096), start=st.integers(1, 4096))
+@example(cached=128, start=128)  # the cache ends exactly at the candidate: its first log-prob is not computed
+@example(cached=127, start=128)
+def test_a_candidate_is_read_from_the_token_route_only_when_every_position_was_computed(
+    cached: int, start: int
+) -> None:
+    # vLLM computes the log-prob of token i from the logits at i - 1: with k cached
+    # tokens, tokens 1..k have none. A candidate starting at `start` is safe iff start > k.
+    assert (valid_from(cached) <= start) == (start > cached)
+
+
+@given(st.lists(st.integers(0, 5), max_size=8), st.lists(st.integers(0, 5), max_size=8))
+def test_common_prefix_is_the_longest_shared_head(a: list[int], b: list[int]) -> None:
+    n = common_prefix(a, b)
+    assert a[:n] == b[:n]
+    assert n == min(len(a), len(b)) or a[n] != b[n]
+
+
+def test_member_scoring_setting_is_checked() -> None:
+    assert MemberConfig(model="m", backend="vllm", urls=["http://h"]).scoring == "auto"
+    assert MemberConfig(model="m", backend="vllm", urls=["http://h"], scoring="echo").scoring == "echo"
+    with pytest.raises(ValueError, match="scoring"):
+        MemberConfig(model="m", backend="vllm", urls=["http://h"], scoring="cheap")  # type: ignore[arg-type]
+
+
+def _trace() -> FusionTrace:
+    rnd = RoundRecord(index=1, winner="a", accepted_text="x")
+    rnd.candidates = [
+        CandidateRecord("a", "x", 1, False, "length"),
+        CandidateRecord("b", "y", 1, False, "length"),
+    ]
+    rnd.calls = [
+        CallRecord(
+            "a", "draft", 0.1, tokens=1, server_prompt_tokens=700, prompt_tokens_computed=60, requests=1
+        ),
+        CallRecord(
+            "b", "draft", 0.1, tokens=1, server_prompt_tokens=700, prompt_tokens_computed=700, requests=1
+        ),
+        CallRecord(
+            "a",
+            "score",
+            0.1,
+            tokens=2,
+            server_prompt_tokens=1402,
+            prompt_tokens_computed=140,
+            requests=2,
+            scoring_path="tokens",
+        ),
+        CallRecord("b", "score", 0.1, tokens=2),  # a server that reports nothing
+    ]
+    return FusionTrace(members=["a", "b"], rounds=[rnd])
+
+
+def test_trace_sums_prompt_tokens_computed_per_member_and_overall() -> None:
+    summary = _trace().summary()
+    assert summary["members"]["a"]["prompt_tokens_computed"] == 200
+    assert summary["members"]["b"]["prompt_tokens_computed"] == 700
+    assert summary["members"]["b"]["calls_without_cost"] == 1
+    assert summary["members"]["a"]["calls_without_cost"] == 0
+    assert summary["prompt_tokens_computed"] == 900
+
+
+def test_to_dict_shows_each_calls_cost_and_scoring_path() -> None:
+    data = json.loads(_trace().to_json())
+    score = data["rounds"][0]["calls"][2]
+    assert score["prompt_tokens_computed"] == 140
+    assert score["server_prompt_tokens"] == 1402
+    assert score["requests"] == 2
+    assert score["scoring_path"] == "tokens"
+    assert data["rounds"][0]["calls"][3]["prompt_tokens_computed"] is None
+    assert data["summary"]["prompt_tokens_computed"] == 900
+
+
+def test_a_server_without_the_token_route_scores_by_echo_in_one_request_and_says_why(
+    server_pool,  # noqa: F811
+) -> None:
+    """`specfuse serve --protocol vllm` has no /inference/v1/generate, like a vLLM
+    started without --enable-scale-out."""
+    (server,) = server_pool.get("vllm", ("smollm2-135m",))
+
+    def config(scoring: str) -> MemberConfig:
+        return MemberConfig(model="smollm2-135m", backend="vllm", urls=[server.url], scoring=scoring)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        auto = VLLMBackend(config("auto"))
+        info = await auto.info()
+        assert info.extra["scoring_path"] == "echo"
+        assert "--enable-scale-out" in info.extra["scoring_path_reason"]
+        context = "Name three primary colours.\nAnswer:"
+        candidates = [" Red, blue and yellow.", " Green.", " Cyan, magenta"]
+        batch = await auto.score(context, candidates)
+        # All of a verifier's candidates went in one request...
+        usages = [s.usage for s in batch]
+        assert all(u is not None and u.path == "echo" for u in usages)
+        assert sum(u.requests for u in usages if u) == 1
+        # ...and score as each would alone.
+        for cand, got in zip(candidates, batch, strict=True):
+            alone = (await auto.score(context, [cand]))[0]
+            assert got.token_logprobs == pytest.approx(alone.token_logprobs, abs=1e-4)
+        await auto.aclose()
+
+        strict = VLLMBackend(config("tokens"))
+        with pytest.raises(CapabilityError, match="scoring='tokens' was asked for, but the server has no"):
+            await strict.info()
+        await strict.aclose()
+
+    asyncio.run(main())
