@@ -427,7 +427,8 @@ class VLLMBackend(RemoteBackend):
         if self._score_max_tokens:
             # A server that generates while echoing: one prompt per request, so that
             # usage.prompt_tokens says where each echoed prompt ends.
-            return await self.gather_calls([self._score_echo(context, [c]) for c in candidates])
+            singles = await self.gather_calls([self._score_echo(context, [c]) for c in candidates])
+            return [score for (score,) in singles]
         return await self._score_echo(context, candidates)
 
     async def _score_echo(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
