@@ -74,6 +74,11 @@ def check_messages(messages: Sequence[Message]) -> list[Message]:
         if role not in {"system", "user", "assistant", "tool"}:
             raise ConfigError(f"message {i} has role {role!r}; use 'system', 'user', 'assistant' or 'tool'")
         normalised.append({**message, "content": message_text(message)})
+    last_user = next((m for m in reversed(normalised) if m["role"] == "user"), None)
+    if last_user is not None and not last_user["content"].strip():
+        raise ConfigError("the prompt is empty (the last user message has no text); pass a question")
+    if not any(m["content"].strip() or m.get("tool_calls") for m in normalised):
+        raise ConfigError("the prompt is empty (no message has any text); pass a question")
     return normalised
 
 
