@@ -157,6 +157,20 @@ class SpecFuse:
         self._loop_thread = LoopThread()
         self._usable_window: int | None = None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Copies (copy.deepcopy, pickle) rebuild from the config and load their members lazily.
+
+        Loaded models, the loop thread and connections are process state, not
+        part of the value: the copy gets its own, and in the same process local
+        models are not loaded twice (specfuse.backends.local shares them).
+        """
+        if self.config is None:
+            raise TypeError(
+                "a SpecFuse built from ready members= cannot be copied or pickled; "
+                "build it from an EnsembleConfig (SpecFuse(config)) to copy it"
+            )
+        return (_rebuild, (self.config, self.settings, self._warm_weights))
+
     # -- construction -------------------------------------------------------
 
     @classmethod
@@ -261,8 +275,7 @@ class SpecFuse:
                     finish = "deadline"
                 if finish is not None:
                     result = self._result(request, finish)
-                    yield Segment(request.fused[emitted:], record.winner, record.index, result)
-                    return
+                    break
                 safe = len(request.fused) - _pending_stop_prefix(request.fused, request.settings.stop)
                 if safe > emitted:
                     if request.trace.time_to_first_segment is None:
@@ -273,9 +286,12 @@ class SpecFuse:
             # The trace outlives the request (callers may hold it): say how it ended.
             cancelled = isinstance(exc, (asyncio.CancelledError, GeneratorExit))
             request.trace.finish_reason = "cancelled" if cancelled else "error"
-            raise
-        finally:
             request.trace.total_time = time.perf_counter() - request.started
+            raise
+        # Outside the try: a caller that stops reading at the last segment (agenerate,
+        # a LangChain or LlamaIndex consumer) closes the generator here, and that must
+        # not turn a finished response into a cancelled one.
+        yield Segment(request.fused[emitted:], record.winner, record.index, result)
 
     async def agenerate(
         self,
@@ -284,9 +300,12 @@ class SpecFuse:
         tools: Sequence[dict[str, Any]] | None = None,
         **overrides: Any,
     ) -> FusionResult:
-        async for segment in self.astream(messages, tools=tools, **overrides):
-            if segment.result is not None:
-                return segment.result
+        # aclosing: the stream is finalised here and now, not whenever the garbage
+        # collector reaches it (possibly on another thread's loop).
+        async with contextlib.aclosing(self.astream(messages, tools=tools, **overrides)) as segments:
+            async for segment in segments:
+                if segment.result is not None:
+                    return segment.result
         raise RuntimeError("the fusion ended without a result")  # unreachable: astream always ends with one
 
     def generate(
@@ -633,6 +652,14 @@ class SpecFuse:
             )
         scored = {v: {c: s for c, s in row.items() if c in drafts} for v, row in scores.items()}
         return drafts, {v: row for v, row in scored.items() if row}
+
+
+def _rebuild(
+    config: EnsembleConfig, settings: FusionSettings, warm_weights: dict[str, float] | None
+) -> SpecFuse:
+    fuse = SpecFuse(config, fusion=settings)
+    fuse._warm_weights = warm_weights
+    return fuse
 
 
 #: A member whose every call failed this many rounds in a row sits out the rest of a response.
