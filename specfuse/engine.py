@@ -47,7 +47,15 @@ from specfuse.errors import (
     ContextWindowError,
     SpecfuseError,
 )
-from specfuse.prompts import ChatFormat, Message, PlainFormat, PromptFormat, check_messages
+from specfuse.prompts import (
+    ChatFormat,
+    FormattedPrompt,
+    Message,
+    PlainFormat,
+    PromptFormat,
+    check_messages,
+    message_text,
+)
 from specfuse.trace import CallRecord, CandidateRecord, FusionTrace, RoundRecord
 
 
@@ -260,7 +268,8 @@ class SpecFuse:
         """Yield accepted segments as they are chosen; the last carries the result."""
         settings = self.settings.with_overrides(**overrides)
         members = await self.astart()
-        request = await self._begin(_as_messages(messages), tools, settings, members)
+        prompt = messages if isinstance(messages, FormattedPrompt) else _as_messages(messages)
+        request = await self._begin(prompt, tools, settings, members)
         emitted = 0
         try:
             while True:
@@ -307,6 +316,33 @@ class SpecFuse:
                 if segment.result is not None:
                     return segment.result
         raise RuntimeError("the fusion ended without a result")  # unreachable: astream always ends with one
+
+    async def abatch(
+        self,
+        prompts: Sequence[str | Sequence[Message]],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        **overrides: Any,
+    ) -> list[FusionResult]:
+        """Several independent requests at once, results in the order of `prompts`.
+
+        Their rounds interleave on the members (HTTP servers batch them; a local
+        model serves one forward pass at a time, so the gain there is overlap of
+        different models). If one request fails the others are cancelled.
+        """
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self.agenerate(p, tools=tools, **overrides)) for p in prompts]
+        return [task.result() for task in tasks]
+
+    def batch(
+        self,
+        prompts: Sequence[str | Sequence[Message]],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        **overrides: Any,
+    ) -> list[FusionResult]:
+        """Blocking abatch()."""
+        return self._loop_thread.run(self.abatch(prompts, tools=tools, **overrides))
 
     def generate(
         self,
@@ -373,23 +409,56 @@ class SpecFuse:
             return self._loop_thread.run(self.ausable_window())
         return _estimated_window(self.config.members if self.config else ())
 
+    # -- token counts ----------------------------------------------------------
+
+    async def acount_tokens(self, text: str) -> int:
+        """Tokens of `text` as raw text (no chat template): the largest count over the members.
+
+        Each member counts in its own tokenizer and the largest count is returned,
+        so a budget checked against it holds for every member.
+        """
+        members = await self.astart()
+        return max(await asyncio.gather(*(m.backend.count_tokens(text) for m in members)))
+
+    async def acount_prompt_tokens(
+        self, messages: str | Sequence[Message], *, tools: Sequence[dict[str, Any]] | None = None
+    ) -> int:
+        """Tokens of a conversation as the members read it: each member renders it with its
+        own template (tools and generation prompt included) and counts in its own tokenizer;
+        the largest count is returned, so a budget checked against it holds for every member.
+        An empty conversation counts 0.
+        """
+        listed = _as_messages(messages)
+        if not listed:
+            return 0
+        members = await self.astart()
+        normalised = [{**m, "content": message_text(m)} for m in listed]
+
+        async def count(member: Member) -> int:
+            return await member.backend.count_tokens(await member.format.render(normalised, tools))
+
+        return max(await asyncio.gather(*(count(m) for m in members)))
+
+    def count_tokens(self, text: str) -> int:
+        """Blocking acount_tokens()."""
+        return self._loop_thread.run(self.acount_tokens(text))
+
+    def count_prompt_tokens(
+        self, messages: str | Sequence[Message], *, tools: Sequence[dict[str, Any]] | None = None
+    ) -> int:
+        """Blocking acount_prompt_tokens()."""
+        return self._loop_thread.run(self.acount_prompt_tokens(messages, tools=tools))
+
     # -- one request ---------------------------------------------------------
 
     async def _begin(
         self,
-        messages: list[Message],
+        messages: list[Message] | FormattedPrompt,
         tools: Sequence[dict[str, Any]] | None,
         settings: FusionSettings,
         members: list[Member],
     ) -> _Request:
-        messages = check_messages(messages)
-        prompts = dict(
-            zip(
-                [m.name for m in members],
-                await asyncio.gather(*(m.format.render(messages, tools) for m in members)),
-                strict=True,
-            )
-        )
+        prompts = await self._prompts(messages, tools, members)
         counts = dict(
             zip(
                 [m.name for m in members],
@@ -429,6 +498,26 @@ class SpecFuse:
             seed=seed,
             max_tokens=min([settings.max_tokens, *room]),
         )
+
+    @staticmethod
+    async def _prompts(
+        messages: list[Message] | FormattedPrompt,
+        tools: Sequence[dict[str, Any]] | None,
+        members: list[Member],
+    ) -> dict[str, str]:
+        """Each member's prompt text: its own template over the messages, or the formatted text."""
+        if isinstance(messages, FormattedPrompt):
+            if not messages.strip():
+                raise ConfigError("the prompt is empty; pass a question")
+            if tools:
+                raise ConfigError(
+                    "tools are rendered by each member's chat template, which a FormattedPrompt "
+                    "skips; pass messages instead of a FormattedPrompt to offer tools"
+                )
+            return {m.name: str(messages) for m in members}
+        checked = check_messages(messages)
+        rendered = await asyncio.gather(*(m.format.render(checked, tools) for m in members))
+        return dict(zip([m.name for m in members], rendered, strict=True))
 
     def _finish_reason(self, request: _Request, record: RoundRecord) -> str | None:
         winner = next(c for c in record.candidates if c.member == record.winner)
