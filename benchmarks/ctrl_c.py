@@ -99,11 +99,17 @@ def main() -> None:
     for column in ("trial", "exit status", "Ctrl-C to exit (s)", "traceback shown"):
         table.add_column(column, justify="right")
     screen = b""
+    failed: list[tuple[int, bytes]] = []
     for i in range(1, args.trials + 1):
         code, took, screen = trial(args.answer_chars, args.limit)
         shown = "yes" if b"Traceback" in screen else "no"
         table.add_row(str(i), "still running" if code is None else str(code), f"{took:.2f}", shown)
+        if code != 130 or b"Traceback" in screen:
+            failed.append((i, screen))
     Console().print(table)
+    for i, bad in failed:
+        print(f"\nscreen of trial {i}, which did not exit cleanly:\n")
+        print(_as_seen(bad))
     print("\nscreen of the last trial (colours removed):\n")
     print(_as_seen(screen))
 

@@ -50,7 +50,11 @@ class LoopThread:
         stream's `aclose`, the members' release) has run before the exception
         reaches the caller.
         """
-        loop = self._ensure()
+        try:
+            loop = self._ensure()
+        except BaseException:
+            coro.close()
+            raise
         if _running_loop() is loop:
             coro.close()
             raise RuntimeError("a blocking specfuse call was made from its own event loop thread")
@@ -62,18 +66,30 @@ class LoopThread:
             task.add_done_callback(lambda _: finished.set())
             box["task"] = task
 
+        def cancel() -> None:
+            # Callbacks run in the order they were scheduled: if start() was
+            # scheduled at all, it has run and the task exists.
+            task = box.get("task")
+            if task is None:
+                finished.set()
+            else:
+                task.cancel()
+
         # A Task of our own rather than run_coroutine_threadsafe: cancelling that
         # concurrent future reports "done" at once while the coroutine is still
         # unwinding on the loop, and the caller's next call (a stream's aclose())
         # would then run into it.
-        loop.call_soon_threadsafe(start)
         try:
+            loop.call_soon_threadsafe(start)
             finished.wait()
         except BaseException:
-            # call_soon_threadsafe keeps order: start() has run before this cancel does.
-            loop.call_soon_threadsafe(lambda: box["task"].cancel())
-            if finished.wait(timeout=_UNWIND_LIMIT):
-                _retrieve(box["task"])
+            loop.call_soon_threadsafe(cancel)
+            finished.wait(timeout=_UNWIND_LIMIT)
+            task = box.get("task")
+            if task is None:
+                coro.close()  # interrupted before it was scheduled: it never ran
+            elif task.done():
+                _retrieve(task)
             raise
         return box["task"].result()
 
