@@ -78,3 +78,42 @@ def test_a_formatted_prompt_refuses_tools_and_blank_text(pair: SpecFuse) -> None
         pair.generate(FormattedPrompt(CHATML), tools=[tool])
     with pytest.raises(ConfigError, match="empty"):
         pair.generate(FormattedPrompt("  "))
+
+
+# -- ReAct: the text protocol passes through the fusion -------------------------------------------
+
+#: The one embedded model with a tool template verifies; smollm2 drafts too.
+REACT_MEMBERS: list[dict[str, Any]] = [
+    {"model": "qwen2.5-coder-0.5b"},
+    {"model": "smollm2-135m", "roles": ["draft"]},
+]
+
+
+def test_the_fused_model_gives_a_react_agent_its_final_answer_after_a_tool_result() -> None:
+    from llama_index.core.agent.react.formatter import ReActChatFormatter
+    from llama_index.core.agent.react.output_parser import ReActOutputParser
+    from llama_index.core.agent.react.types import ActionReasoningStep, ObservationReasoningStep
+    from llama_index.core.base.llms.types import ChatMessage
+    from llama_index.core.tools import FunctionTool
+
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers and return the product."""
+        return a * b
+
+    # The transcript a ReActAgent sends after its tool ran: the ReAct header, the question,
+    # the model's Thought/Action/Action Input turn, and the tool's Observation.
+    messages = ReActChatFormatter.from_defaults().format(
+        [FunctionTool.from_defaults(fn=multiply)],
+        chat_history=[ChatMessage(role="user", content="What is 123 times 456?")],
+        current_reasoning=[
+            ActionReasoningStep(
+                thought="I need to multiply 123 by 456.", action="multiply", action_input={"a": 123, "b": 456}
+            ),
+            ObservationReasoningStep(observation="56088"),
+        ],
+    )
+    llm = SpecFuseLLM.from_members(REACT_MEMBERS, temperature=0.0, max_tokens=48, seed=7)
+    content = llm.chat(messages).message.content or ""
+    step = ReActOutputParser().parse(content)
+    assert step.is_done, content
+    assert "56088" in step.response, content  # type: ignore[attr-defined]
