@@ -12,10 +12,13 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Self
 
+from langchain_core.messages import BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.utils import secret_from_env
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
+from langchain_specfuse._convert import to_core_messages
 from specfuse import (
     DEFAULT_LOCAL_MODELS,
     EnsembleConfig,
@@ -79,7 +82,24 @@ class SpecFuseParams(BaseModel):
     """Per-member keys lifted out of `members` so no secret is serialised."""
 
     _engine: SpecFuse | None = PrivateAttr(default=None)
-    _engine_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    # -- copies -----------------------------------------------------------------
+    # The engine (loaded models, a loop thread, locks) is process state shared by
+    # every model object over the same ensemble, not part of this object's value.
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
+        """A deep copy shares the engine rather than duplicating loaded models."""
+        memo = {} if memo is None else memo
+        if self._engine is not None:
+            memo[id(self._engine)] = self._engine
+        return super().__deepcopy__(memo)
+
+    def __getstate__(self) -> dict[Any, Any]:
+        """Pickled without the engine; the unpickled copy gets it again on first use."""
+        state = super().__getstate__()
+        private = dict(state.get("__pydantic_private__") or {})
+        private["_engine"] = None
+        return {**state, "__pydantic_private__": private}
 
     @model_validator(mode="before")
     @classmethod
@@ -169,15 +189,14 @@ class SpecFuseParams(BaseModel):
         creates many instances (per chain, per test, model_copy), and each new
         engine would otherwise probe its members and hold its own KV caches.
         """
-        with self._engine_lock:
-            if self._engine is None:
-                config = self.ensemble_config()
-                key = config.model_dump_json() + "|" + _secret_fingerprint(config)
-                with _ENGINES_LOCK:
-                    if key not in _ENGINES:
-                        _ENGINES[key] = SpecFuse(config)
-                    self._engine = _ENGINES[key]
-            return self._engine
+        if self._engine is None:
+            config = self.ensemble_config()
+            key = config.model_dump_json() + "|" + _secret_fingerprint(config)
+            with _ENGINES_LOCK:
+                if key not in _ENGINES:
+                    _ENGINES[key] = SpecFuse(config)
+                self._engine = _ENGINES[key]
+        return self._engine
 
     def _member_names(self) -> list[str]:
         if self._engine is not None:
@@ -198,6 +217,30 @@ class SpecFuseParams(BaseModel):
             return self.model_name
         names = self._member_names()
         return "specfuse:" + "+".join(names) if names else "specfuse"
+
+    # -- token counting (LangChain's get_num_tokens API) ---------------------------
+
+    def get_num_tokens(self, text: str) -> int:
+        """Tokens of `text` in the members' own tokenizers: the largest count over the members.
+
+        The largest, so that a budget checked against it (trim_messages, memories)
+        holds for every member. A `custom_get_token_ids` set by the user takes precedence.
+        """
+        if self.custom_get_token_ids is not None:  # type: ignore[attr-defined]
+            return super().get_num_tokens(text)  # type: ignore[misc]
+        return self.engine.count_tokens(text)
+
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
+    ) -> int:
+        """Tokens of a conversation as the members read it: rendered with each member's own
+        chat template (tools and generation prompt included) and counted in its own
+        tokenizer; the largest count over the members, so budgets hold for every member.
+        """
+        if self.custom_get_token_ids is not None:  # type: ignore[attr-defined]
+            return super().get_num_tokens_from_messages(messages, tools)  # type: ignore[misc]
+        specs = [convert_to_openai_tool(t) for t in tools] if tools else None
+        return self.engine.count_prompt_tokens(to_core_messages(messages), tools=specs)
 
     # -- per request ------------------------------------------------------------
 

@@ -22,6 +22,8 @@ class SpecFuseLLM(SpecFuseParams, BaseLLM):
     Generation's `generation_info` holds `usage_metadata`, `finish_reason`,
     `specfuse_summary`, `specfuse_member_usage` and `specfuse_trace`;
     `llm_output["token_usage"]` sums usage over the prompts of the call.
+    Several prompts in one call (`batch`, `generate`) run concurrently through
+    the core's `SpecFuse.batch`, unless `streaming=True`, which runs them in turn.
     Streaming yields one GenerationChunk per accepted segment and reports each
     to `on_llm_new_token` (BaseLLM leaves that to the integration).
     """
@@ -63,17 +65,19 @@ class SpecFuseLLM(SpecFuseParams, BaseLLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        if not self.streaming:
+            # All prompts at once, as the async path does: their rounds interleave on the members.
+            results = self.engine.batch(prompts, **self._overrides(stop, kwargs))
+            return self._llm_result(
+                [[Generation(text=r.text, generation_info=self._info(r))] for r in results]
+            )
         generations: list[list[Generation]] = []
         for prompt in prompts:
-            if self.streaming:
-                final: GenerationChunk | None = None
-                for chunk in self._stream(prompt, stop, run_manager, **kwargs):
-                    final = chunk if final is None else final + chunk
-                assert final is not None  # the engine always yields a last segment
-                generations.append([Generation(text=final.text, generation_info=final.generation_info)])
-                continue
-            result = self.engine.generate(prompt, **self._overrides(stop, kwargs))
-            generations.append([Generation(text=result.text, generation_info=self._info(result))])
+            final: GenerationChunk | None = None
+            for chunk in self._stream(prompt, stop, run_manager, **kwargs):
+                final = chunk if final is None else final + chunk
+            assert final is not None  # the engine always yields a last segment
+            generations.append([Generation(text=final.text, generation_info=final.generation_info)])
         return self._llm_result(generations)
 
     async def _agenerate(
@@ -83,17 +87,18 @@ class SpecFuseLLM(SpecFuseParams, BaseLLM):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> LLMResult:
+        if not self.streaming:
+            results = await self.engine.abatch(prompts, **self._overrides(stop, kwargs))
+            return self._llm_result(
+                [[Generation(text=r.text, generation_info=self._info(r))] for r in results]
+            )
         generations: list[list[Generation]] = []
         for prompt in prompts:
-            if self.streaming:
-                final: GenerationChunk | None = None
-                async for chunk in self._astream(prompt, stop, run_manager, **kwargs):
-                    final = chunk if final is None else final + chunk
-                assert final is not None
-                generations.append([Generation(text=final.text, generation_info=final.generation_info)])
-                continue
-            result = await self.engine.agenerate(prompt, **self._overrides(stop, kwargs))
-            generations.append([Generation(text=result.text, generation_info=self._info(result))])
+            final: GenerationChunk | None = None
+            async for chunk in self._astream(prompt, stop, run_manager, **kwargs):
+                final = chunk if final is None else final + chunk
+            assert final is not None
+            generations.append([Generation(text=final.text, generation_info=final.generation_info)])
         return self._llm_result(generations)
 
     def _stream(

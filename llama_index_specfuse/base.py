@@ -34,7 +34,15 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
-from specfuse import EnsembleConfig, FusionResult, FusionSettings, MemberConfig, Segment, SpecFuse
+from specfuse import (
+    EnsembleConfig,
+    FormattedPrompt,
+    FusionResult,
+    FusionSettings,
+    MemberConfig,
+    Segment,
+    SpecFuse,
+)
 from specfuse.config import ADAPTER_FIELD_SETTINGS, request_overrides
 from specfuse.errors import ConfigError, ToolCallError
 from specfuse.tool_calls import ToolPlan, parse_tool_calls
@@ -98,6 +106,23 @@ class SpecFuseLLM(FunctionCallingLLM):
     model: str | None = Field(default=None, description="Model name reported in metadata.")
 
     _fuse: SpecFuse | None = PrivateAttr(default=None)
+
+    # -- copies ------------------------------------------------------------------
+    # The engine (loaded models, a loop thread, locks) is process state, not part
+    # of this object's value: a deep copy shares it, a pickle leaves it out and the
+    # unpickled object builds its own from `ensemble` on first use.
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
+        memo = {} if memo is None else memo
+        if self._fuse is not None:
+            memo[id(self._fuse)] = self._fuse
+        return super().__deepcopy__(memo)
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        private = dict(state.get("__pydantic_private__") or {})
+        private["_fuse"] = None
+        return {**state, "__pydantic_private__": private}
 
     @model_validator(mode="before")
     @classmethod
@@ -325,31 +350,35 @@ class SpecFuseLLM(FunctionCallingLLM):
 
     # -- completion ------------------------------------------------------------
     # The members are chat models: a prompt is one user turn, rendered by each
-    # member's own template.
+    # member's own template. formatted=True (LlamaIndex: "the prompt is already
+    # formatted for the model") sends the text to every member as is instead.
 
-    def _prompt_call(self, prompt: str, kwargs: dict[str, Any]) -> _Call:
-        return self._request([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
+    def _prompt_call(self, prompt: str, formatted: bool, kwargs: dict[str, Any]) -> _Call:
+        call = self._request([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
+        if not formatted:
+            return call
+        return _Call(FormattedPrompt(prompt), call.plan, call.overrides)
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        result = self._generate(self._prompt_call(prompt, kwargs))
+        result = self._generate(self._prompt_call(prompt, formatted, kwargs))
         return self._completion_response(result.text, None, result)
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        result = await self._agenerate(self._prompt_call(prompt, kwargs))
+        result = await self._agenerate(self._prompt_call(prompt, formatted, kwargs))
         return self._completion_response(result.text, None, result)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        segments = self._segments(self._prompt_call(prompt, kwargs))
+        segments = self._segments(self._prompt_call(prompt, formatted, kwargs))
         return (self._completion_response(text, s.text, s.result) for text, s in _running(segments))
 
     @llm_completion_callback()
     async def astream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseAsyncGen:
-        segments = self._asegments(self._prompt_call(prompt, kwargs))
+        segments = self._asegments(self._prompt_call(prompt, formatted, kwargs))
         return (self._completion_response(text, s.text, s.result) async for text, s in _arunning(segments))
 
     # -- function calling --------------------------------------------------------
@@ -435,7 +464,7 @@ async def _arunning(segments: AsyncIterator[Segment]) -> AsyncIterator[tuple[str
 class _Call:
     """One call, translated for the engine."""
 
-    messages: list[dict[str, Any]]
+    messages: list[dict[str, Any]] | FormattedPrompt
     plan: ToolPlan
     overrides: dict[str, Any]
 

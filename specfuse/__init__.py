@@ -22,6 +22,7 @@ from specfuse.errors import (
     ToolCallError,
     UnknownModelError,
 )
+from specfuse.prompts import FormattedPrompt
 from specfuse.trace import FusionTrace
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "ContextWindowError",
     "ContextWindowErrorRemote",
     "EnsembleConfig",
+    "FormattedPrompt",
     "FusionResult",
     "FusionSettings",
     "FusionTrace",

@@ -11,6 +11,7 @@ specfuse serve MODEL --protocol tgi        a local model over HTTP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -30,7 +31,11 @@ else:
 from specfuse.config import DEFAULT_LOCAL_MODELS, EnsembleConfig, MemberConfig
 from specfuse.engine import FusionResult, SpecFuse
 from specfuse.errors import SpecfuseError
+from specfuse.prompts import check_messages
 from specfuse.trace import RICH_PALETTE
+
+#: The shell's exit status for a command stopped by SIGINT (128 + 2).
+_INTERRUPTED = 130
 
 
 def _fusion_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -59,6 +64,11 @@ def _build(args: argparse.Namespace) -> SpecFuse:
 def _generate(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     out = Console(highlight=False)
+    messages: list[dict[str, Any]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": args.prompt})
+    check_messages(messages)  # a blank prompt fails before any model loads
     fuse = _build(args)
     colours = {m: RICH_PALETTE[i % len(RICH_PALETTE)] for i, m in enumerate(fuse.member_names)}
     with console.status(f"loading {len(colours)} member(s): {', '.join(colours)}"):
@@ -72,16 +82,19 @@ def _generate(args: argparse.Namespace) -> int:
             legend.append(" ")
         console.print(legend)
 
-    messages: list[dict[str, Any]] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    messages.append({"role": "user", "content": args.prompt})
-
     result: FusionResult | None = None
-    for segment in fuse.stream(messages):
-        if not args.json and segment.text:
-            out.print(Text(segment.text, style=colours.get(segment.member or "", "")), end="")
-        result = segment.result
+    try:
+        # closing(): on Ctrl-C the stream is cancelled here, before the message below.
+        with contextlib.closing(fuse.stream(messages)) as segments:
+            for segment in segments:
+                if not args.json and segment.text:
+                    out.print(Text(segment.text, style=colours.get(segment.member or "", "")), end="")
+                result = segment.result
+    except KeyboardInterrupt:
+        if not args.json:
+            out.print()  # end the partial answer's line
+        console.print("[dim]interrupted[/dim]")
+        return _INTERRUPTED
     assert result is not None  # the stream always ends with the result
     if not args.json:
         out.print()
@@ -193,7 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}")
         return 2
     except KeyboardInterrupt:
-        return 130
+        # Ctrl-C while the members load: no traceback, the shell's usual status.
+        Console(stderr=True).print("[dim]interrupted[/dim]")
+        return _INTERRUPTED
 
 
 if __name__ == "__main__":

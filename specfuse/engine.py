@@ -47,7 +47,15 @@ from specfuse.errors import (
     ContextWindowError,
     SpecfuseError,
 )
-from specfuse.prompts import ChatFormat, Message, PlainFormat, PromptFormat, check_messages
+from specfuse.prompts import (
+    ChatFormat,
+    FormattedPrompt,
+    Message,
+    PlainFormat,
+    PromptFormat,
+    check_messages,
+    message_text,
+)
 from specfuse.trace import CallRecord, CandidateRecord, FusionTrace, RoundRecord
 
 
@@ -157,6 +165,20 @@ class SpecFuse:
         self._loop_thread = LoopThread()
         self._usable_window: int | None = None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Copies (copy.deepcopy, pickle) rebuild from the config and load their members lazily.
+
+        Loaded models, the loop thread and connections are process state, not
+        part of the value: the copy gets its own, and in the same process local
+        models are not loaded twice (specfuse.backends.local shares them).
+        """
+        if self.config is None:
+            raise TypeError(
+                "a SpecFuse built from ready members= cannot be copied or pickled; "
+                "build it from an EnsembleConfig (SpecFuse(config)) to copy it"
+            )
+        return (_rebuild, (self.config, self.settings, self._warm_weights))
+
     # -- construction -------------------------------------------------------
 
     @classmethod
@@ -247,7 +269,8 @@ class SpecFuse:
         """Yield accepted segments as they are chosen; the last carries the result."""
         settings = self.settings.with_overrides(**overrides)
         members = await self.astart()
-        request = await self._begin(_as_messages(messages), tools, settings, members)
+        prompt = messages if isinstance(messages, FormattedPrompt) else _as_messages(messages)
+        request = await self._begin(prompt, tools, settings, members)
         emitted = 0
         try:
             while True:
@@ -262,8 +285,7 @@ class SpecFuse:
                     finish = "deadline"
                 if finish is not None:
                     result = self._result(request, finish)
-                    yield Segment(request.fused[emitted:], record.winner, record.index, result)
-                    return
+                    break
                 safe = len(request.fused) - _pending_stop_prefix(request.fused, request.settings.stop)
                 if safe > emitted:
                     if request.trace.time_to_first_segment is None:
@@ -274,9 +296,12 @@ class SpecFuse:
             # The trace outlives the request (callers may hold it): say how it ended.
             cancelled = isinstance(exc, (asyncio.CancelledError, GeneratorExit))
             request.trace.finish_reason = "cancelled" if cancelled else "error"
-            raise
-        finally:
             request.trace.total_time = time.perf_counter() - request.started
+            raise
+        # Outside the try: a caller that stops reading at the last segment (agenerate,
+        # a LangChain or LlamaIndex consumer) closes the generator here, and that must
+        # not turn a finished response into a cancelled one.
+        yield Segment(request.fused[emitted:], record.winner, record.index, result)
 
     async def agenerate(
         self,
@@ -285,10 +310,40 @@ class SpecFuse:
         tools: Sequence[dict[str, Any]] | None = None,
         **overrides: Any,
     ) -> FusionResult:
-        async for segment in self.astream(messages, tools=tools, **overrides):
-            if segment.result is not None:
-                return segment.result
+        # aclosing: the stream is finalised here and now, not whenever the garbage
+        # collector reaches it (possibly on another thread's loop).
+        async with contextlib.aclosing(self.astream(messages, tools=tools, **overrides)) as segments:
+            async for segment in segments:
+                if segment.result is not None:
+                    return segment.result
         raise RuntimeError("the fusion ended without a result")  # unreachable: astream always ends with one
+
+    async def abatch(
+        self,
+        prompts: Sequence[str | Sequence[Message]],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        **overrides: Any,
+    ) -> list[FusionResult]:
+        """Several independent requests at once, results in the order of `prompts`.
+
+        Their rounds interleave on the members (HTTP servers batch them; a local
+        model serves one forward pass at a time, so the gain there is overlap of
+        different models). If one request fails the others are cancelled.
+        """
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self.agenerate(p, tools=tools, **overrides)) for p in prompts]
+        return [task.result() for task in tasks]
+
+    def batch(
+        self,
+        prompts: Sequence[str | Sequence[Message]],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        **overrides: Any,
+    ) -> list[FusionResult]:
+        """Blocking abatch()."""
+        return self._loop_thread.run(self.abatch(prompts, tools=tools, **overrides))
 
     def generate(
         self,
@@ -355,23 +410,56 @@ class SpecFuse:
             return self._loop_thread.run(self.ausable_window())
         return _estimated_window(self.config.members if self.config else ())
 
+    # -- token counts ----------------------------------------------------------
+
+    async def acount_tokens(self, text: str) -> int:
+        """Tokens of `text` as raw text (no chat template): the largest count over the members.
+
+        Each member counts in its own tokenizer and the largest count is returned,
+        so a budget checked against it holds for every member.
+        """
+        members = await self.astart()
+        return max(await asyncio.gather(*(m.backend.count_tokens(text) for m in members)))
+
+    async def acount_prompt_tokens(
+        self, messages: str | Sequence[Message], *, tools: Sequence[dict[str, Any]] | None = None
+    ) -> int:
+        """Tokens of a conversation as the members read it: each member renders it with its
+        own template (tools and generation prompt included) and counts in its own tokenizer;
+        the largest count is returned, so a budget checked against it holds for every member.
+        An empty conversation counts 0.
+        """
+        listed = _as_messages(messages)
+        if not listed:
+            return 0
+        members = await self.astart()
+        normalised = [{**m, "content": message_text(m)} for m in listed]
+
+        async def count(member: Member) -> int:
+            return await member.backend.count_tokens(await member.format.render(normalised, tools))
+
+        return max(await asyncio.gather(*(count(m) for m in members)))
+
+    def count_tokens(self, text: str) -> int:
+        """Blocking acount_tokens()."""
+        return self._loop_thread.run(self.acount_tokens(text))
+
+    def count_prompt_tokens(
+        self, messages: str | Sequence[Message], *, tools: Sequence[dict[str, Any]] | None = None
+    ) -> int:
+        """Blocking acount_prompt_tokens()."""
+        return self._loop_thread.run(self.acount_prompt_tokens(messages, tools=tools))
+
     # -- one request ---------------------------------------------------------
 
     async def _begin(
         self,
-        messages: list[Message],
+        messages: list[Message] | FormattedPrompt,
         tools: Sequence[dict[str, Any]] | None,
         settings: FusionSettings,
         members: list[Member],
     ) -> _Request:
-        messages = check_messages(messages)
-        prompts = dict(
-            zip(
-                [m.name for m in members],
-                await asyncio.gather(*(m.format.render(messages, tools) for m in members)),
-                strict=True,
-            )
-        )
+        prompts = await self._prompts(messages, tools, members)
         counts = dict(
             zip(
                 [m.name for m in members],
@@ -411,6 +499,26 @@ class SpecFuse:
             seed=seed,
             max_tokens=min([settings.max_tokens, *room]),
         )
+
+    @staticmethod
+    async def _prompts(
+        messages: list[Message] | FormattedPrompt,
+        tools: Sequence[dict[str, Any]] | None,
+        members: list[Member],
+    ) -> dict[str, str]:
+        """Each member's prompt text: its own template over the messages, or the formatted text."""
+        if isinstance(messages, FormattedPrompt):
+            if not messages.strip():
+                raise ConfigError("the prompt is empty; pass a question")
+            if tools:
+                raise ConfigError(
+                    "tools are rendered by each member's chat template, which a FormattedPrompt "
+                    "skips; pass messages instead of a FormattedPrompt to offer tools"
+                )
+            return {m.name: str(messages) for m in members}
+        checked = check_messages(messages)
+        rendered = await asyncio.gather(*(m.format.render(checked, tools) for m in members))
+        return dict(zip([m.name for m in members], rendered, strict=True))
 
     def _finish_reason(self, request: _Request, record: RoundRecord) -> str | None:
         winner = next(c for c in record.candidates if c.member == record.winner)
@@ -634,6 +742,14 @@ class SpecFuse:
             )
         scored = {v: {c: s for c, s in row.items() if c in drafts} for v, row in scores.items()}
         return drafts, {v: row for v, row in scored.items() if row}
+
+
+def _rebuild(
+    config: EnsembleConfig, settings: FusionSettings, warm_weights: dict[str, float] | None
+) -> SpecFuse:
+    fuse = SpecFuse(config, fusion=settings)
+    fuse._warm_weights = warm_weights
+    return fuse
 
 
 #: A member whose every call failed this many rounds in a row sits out the rest of a response.

@@ -42,6 +42,19 @@ class PromptFormat(Protocol):
     async def render(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None) -> str: ...
 
 
+class FormattedPrompt(str):
+    """A prompt already written in the members' own format, sent to each member as is.
+
+    No chat template, generation prompt or special token is added: the text is
+    exactly the context every member continues (LlamaIndex's ``formatted=True``).
+    Each member reads the same text, so a prompt formatted for one member's
+    template reaches the others as plain text; use messages to have each member
+    render its own template. Tools need those templates and are refused with it.
+    """
+
+    __slots__ = ()
+
+
 def message_text(message: Message) -> str:
     """The text of a message's content, refusing non-text parts."""
     content = message.get("content")
@@ -74,6 +87,11 @@ def check_messages(messages: Sequence[Message]) -> list[Message]:
         if role not in {"system", "user", "assistant", "tool"}:
             raise ConfigError(f"message {i} has role {role!r}; use 'system', 'user', 'assistant' or 'tool'")
         normalised.append({**message, "content": message_text(message)})
+    last_user = next((m for m in reversed(normalised) if m["role"] == "user"), None)
+    if last_user is not None and not last_user["content"].strip():
+        raise ConfigError("the prompt is empty (the last user message has no text); pass a question")
+    if not any(m["content"].strip() or m.get("tool_calls") for m in normalised):
+        raise ConfigError("the prompt is empty (no message has any text); pass a question")
     return normalised
 
 

@@ -98,3 +98,13 @@ def test_without_the_cli_extra_the_command_says_what_to_install() -> None:
     # The library itself never needs rich.
     library = hide + "import specfuse, specfuse.tool_calls, specfuse.errors"
     assert subprocess.run([sys.executable, "-c", library], timeout=120).returncode == 0
+
+
+def test_blank_prompt_is_a_clear_error_before_any_model_loads() -> None:
+    for prompt in ("", "   \n"):
+        proc = run_cli("generate", prompt, *MEMBERS)
+        assert proc.returncode == 2, proc.stdout
+        assert "error:" in proc.stderr and "prompt is empty" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert "ready" not in proc.stderr  # refused before loading the members
+        assert not proc.stdout
