@@ -76,7 +76,14 @@ def test_harness_runs_resumes_from_cache_and_writes_reports(
     lines = bench.DEFAULT_DATA.read_text(encoding="utf-8").splitlines()[:2]
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     settings = bench.BenchSettings(max_tokens=4, segment_tokens=2, temperature=0.0, seed=3)
-    kwargs = dict(data=data, members=PAIR, settings=settings, out_dir=tmp_path / "out", progress=False)
+    kwargs = dict(
+        data=data,
+        members=PAIR,
+        settings=settings,
+        out_dir=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
 
     first = bench.run_benchmark(**kwargs)
     n_modes = len(PAIR) + 1 + len(bench.ENSEMBLE_MODES)  # solos, whole, fusion modes
@@ -86,7 +93,7 @@ def test_harness_runs_resumes_from_cache_and_writes_reports(
     whole = next(r for r in first.reports if r.mode == "whole")
     assert sum(whole.extra["picked"].values()) == 2
     # one cache file per mode, one row per prompt, keyed by the prompt key
-    files = sorted((tmp_path / "out").glob("*.jsonl"))
+    files = sorted((tmp_path / "cache").glob("*.jsonl"))
     assert len(files) == n_modes
     keys = {json.loads(line)["key"] for line in files[0].read_text().splitlines()}
     assert keys == {json.loads(line)["key"] for line in lines}

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.ifeval.run import (
+    DEFAULT_CACHE,
     DEFAULT_DATA,
     DEFAULT_MEMBERS,
-    DEFAULT_OUT,
     BenchSettings,
     Cache,
     Mode,
@@ -152,14 +152,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--members", nargs="+", default=list(DEFAULT_MEMBERS))
     parser.add_argument("--max-tokens", type=int, default=BenchSettings.max_tokens)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     args = parser.parse_args(argv)
     from specfuse.config import FusionSettings
 
     defaults = FusionSettings()
     settings = BenchSettings(max_tokens=args.max_tokens)
     members = tuple(args.members)
-    cache = Cache(args.out, settings)
+    cache = Cache(args.cache, settings)
     fuse = Mode("fuse", "fusion", members)
     logs = []
     for prompt in load_prompts(args.data, args.limit, args.start):

@@ -45,6 +45,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO.parent / "shared" / "ifeval" / "dev.jsonl"
 DEFAULT_OUT = REPO / "benchmarks" / "out"
+# Tracked in git: answers cost CPU-minutes each, so the cache must outlive the
+# machine and the session that computed them (a 150-prompt run takes hours).
+DEFAULT_CACHE = REPO / "benchmarks" / "ifeval" / "cache"
 DEFAULT_MEMBERS: tuple[str, ...] = ("smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m")
 ENSEMBLE_MODES: tuple[str, ...] = ("fuse", "specem", "exit", "specem+exit")
 ALL_MODES: tuple[str, ...] = ("solo", "whole", *ENSEMBLE_MODES)
@@ -685,6 +688,7 @@ def run_benchmark(
     modes: Sequence[str] = ALL_MODES,
     settings: BenchSettings | None = None,
     out_dir: Path = DEFAULT_OUT,
+    cache_dir: Path = DEFAULT_CACHE,
     report_only: bool = False,
     progress: bool = True,
 ) -> Outcome:
@@ -693,7 +697,7 @@ def run_benchmark(
     settings = settings or BenchSettings()
     prompts = load_prompts(data, limit, start)
     selected = expand_modes(modes, members)
-    cache = Cache(out_dir, settings)
+    cache = Cache(cache_dir, settings)
     bench = Bench(members, selected, settings, cache)
     try:
         if not report_only:
@@ -769,7 +773,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--exit-temperature", type=float, default=None, help=exit_help)
     parser.add_argument("--exit-ratio", type=float, default=None, help=exit_help)
     parser.add_argument("--min-active", type=int, default=None, help=exit_help)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="cache, table and chart directory")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="table and chart directory")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="answer cache (JSONL per mode)")
     parser.add_argument("--report-only", action="store_true", help="no model call: report what is cached")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -795,6 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         modes=modes,
         settings=settings,
         out_dir=args.out,
+        cache_dir=args.cache,
         report_only=args.report_only,
         progress=not args.no_progress,
     )
