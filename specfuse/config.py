@@ -58,22 +58,35 @@ class FusionSettings(BaseModel):
 
     # Verification and aggregation
     tau: Annotated[float, Field(gt=0.0, description="Softmax temperature of per-verifier scores.")] = 1.0
-    self_verify: bool = True
+    # Whether a verifier's opinion of its own draft counts. Verifiers rank their
+    # own sample first far above chance (on recorded IFEval rounds, 51 of 72
+    # times where chance is 24), which measures self-agreement, not quality; off,
+    # each verifier only votes on the others' candidates (its own draft serves
+    # as the reference when it has a single other one to judge). Adopted for
+    # that bias; its accuracy effect is not measured yet (benchmarks/RESULTS.md).
+    self_verify: bool = False
+    # Identical candidates pool their support instead of splitting it.
+    pool_identical: bool = True
 
     # SpecEM online weights
     lam: Annotated[float, Field(ge=0.0, description="Learning rate of online weights; 0 disables.")] = 1.0
     warm_weights: bool = False
 
-    # Model exit. The first values tried (warmup 2, temperature 1.0, min_active
-    # 2 when N >= 3) almost never fired on 128-token IFEval answers (~2% of calls
-    # saved). These were chosen on a held-out split by replaying the rule on
-    # recorded rounds, then checked on 40 other prompts: -58% calls, accuracy
-    # kept (benchmarks/RESULTS.md, "Choosing the exit knobs").
+    # Model exit. "evidence": a drafter leaves when its cumulative lead in S is
+    # below -exit_margin times the round-to-round spread (scaled by sqrt(rounds))
+    # after each of the last exit_patience rounds. "softmax": the paper's rule,
+    # pi = softmax(Q / exit_temperature) < exit_ratio / n_active, which at the
+    # former defaults (T 0.1, min_active 1) fired on noise and left one unverified
+    # member writing most answers. min_active 2 keeps two members verifying each
+    # other to the end of every answer.
     model_exit: bool = True
+    exit_rule: Literal["evidence", "softmax"] = "evidence"
     exit_warmup: Annotated[int, Field(ge=0)] = 4
+    exit_margin: Annotated[float, Field(gt=0.0)] = 2.0
+    exit_patience: Annotated[int, Field(ge=1)] = 3
     exit_temperature: Annotated[float, Field(gt=0.0)] = 0.1
     exit_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
-    min_active: Annotated[int, Field(ge=1)] = 1
+    min_active: Annotated[int, Field(ge=1, description="Drafters (and verifiers) kept by model exit.")] = 2
 
     # Time limits (seconds); None means no limit.
     round_deadline: Annotated[float | None, Field(gt=0.0)] = None
@@ -238,7 +251,8 @@ class EnsembleConfig(BaseModel):
                 "so candidates can be ranked"
             )
         min_active = self.fusion.min_active
-        if min_active > len(drafters):
+        # The default only caps exits; a value the user chose must be reachable.
+        if "min_active" in self.fusion.model_fields_set and min_active > len(drafters):
             raise ValueError(
                 f"min_active={min_active} exceeds the {len(drafters)} drafting member(s); lower it"
             )

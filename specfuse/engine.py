@@ -7,10 +7,12 @@ One round:
                log-probs; a candidate's verification starts as soon as that
                candidate exists (pipelining).
 3. Normalise.  p_v = softmax over the candidates v scored.
-4. Aggregate.  S(c) = weighted mean of p_v(c); the winner is argmax S.
+4. Aggregate.  S(c) = weighted mean of p_v(c); identical candidates pool
+               their support; the winner is argmax.
 5. Broadcast.  The winner's text is appended to `fused` and streamed out.
 6. Stop        when the winner finished, max_tokens is reached, a stop
-               sequence appears, or the caller cancels.
+               sequence or any member's turn marker appears in the fused
+               text, or the caller cancels.
 
 Online weights (SpecEM) and model exit run between rounds. The math lives in
 :mod:`specfuse.scoring`; this module only orchestrates calls and records the
@@ -69,6 +71,9 @@ class Member:
     roles: frozenset[str]
     weight: float
     info: BackendInfo
+    #: Tokens of the end-of-turn marker in this member's tokenizer (the last
+    #: tokens of a finished candidate's score count as one "stop here" unit).
+    end_of_turn_tokens: int = 1
 
     @property
     def drafts(self) -> bool:
@@ -126,12 +131,17 @@ class _Request:
     quality: dict[str, float]
     trace: FusionTrace
     seed: int
+    #: Stop sequences checked in the fused text: the caller's plus every member's
+    #: turn markers, which a segment boundary may split between two drafters.
+    stops: tuple[str, ...] = ()
     fused: str = ""
     tokens_used: int = 0
     max_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
     #: Consecutive rounds in which every call of a member failed (docs/design.md, "Reliability").
     failures: dict[str, int] = field(default_factory=dict)
+    #: Aggregated S per candidate member of each verified round (the exit rule's evidence).
+    history: list[dict[str, float]] = field(default_factory=list)
 
 
 class SpecFuse:
@@ -242,6 +252,7 @@ class SpecFuse:
         if fmt is None:
             extra = info.extra
             fmt = PlainFormat(bos=extra.get("bos_text", ""), eos=extra.get("eos_text", ""))
+        marker_tokens = await _marker_tokens(backend, fmt.end_of_turn)
         if on_ready is not None:
             on_ready(config.display_name, time.perf_counter() - started)
         return Member(
@@ -251,6 +262,7 @@ class SpecFuse:
             roles=config.roles,
             weight=config.weight,
             info=info,
+            end_of_turn_tokens=marker_tokens,
         )
 
     async def aclose(self) -> None:
@@ -275,7 +287,8 @@ class SpecFuse:
         try:
             while True:
                 record = await self._round(request)
-                finish = self._finish_reason(request, record)
+                cut = self._cut_at_stop(request, record)
+                finish = "stop" if cut else self._finish_reason(request, record)
                 deadline = request.settings.request_deadline
                 if (
                     finish is None
@@ -286,7 +299,7 @@ class SpecFuse:
                 if finish is not None:
                     result = self._result(request, finish)
                     break
-                safe = len(request.fused) - _pending_stop_prefix(request.fused, request.settings.stop)
+                safe = len(request.fused) - _pending_stop_prefix(request.fused, request.stops)
                 if safe > emitted:
                     if request.trace.time_to_first_segment is None:
                         request.trace.time_to_first_segment = time.perf_counter() - request.started
@@ -497,6 +510,7 @@ class SpecFuse:
             quality={m.name: 0.0 for m in members},
             trace=trace,
             seed=seed,
+            stops=_all_stops(settings.stop, members),
             max_tokens=min([settings.max_tokens, *room]),
         )
 
@@ -520,15 +534,33 @@ class SpecFuse:
         rendered = await asyncio.gather(*(m.format.render(checked, tools) for m in members))
         return dict(zip([m.name for m in members], rendered, strict=True))
 
-    def _finish_reason(self, request: _Request, record: RoundRecord) -> str | None:
+    @staticmethod
+    def _cut_at_stop(request: _Request, record: RoundRecord) -> bool:
+        """Cut the fused text before the first stop sequence or member turn marker
+        that ends in this round's segment, and the rounds' accepted texts with it.
+
+        A marker may straddle two segments ("\\nUs" + "er:"), so the search starts
+        a marker's length before the new text, and the cut may reach into earlier
+        rounds. Returns whether it cut.
+        """
+        new_from = len(request.fused) - len(record.accepted_text)
+        cut = _find_stop(request.fused, request.stops, new_from)
+        if cut is None:
+            return False
+        excess = len(request.fused) - cut
+        for earlier in reversed(request.trace.rounds):
+            if excess <= 0:
+                break
+            kept = max(0, len(earlier.accepted_text) - excess)
+            excess -= len(earlier.accepted_text) - kept
+            earlier.accepted_text = earlier.accepted_text[:kept]
+        request.fused = request.fused[:cut]
+        return True
+
+    @staticmethod
+    def _finish_reason(request: _Request, record: RoundRecord) -> str | None:
+        """Why the answer ends after this round, or None to go on. Reads, never edits."""
         winner = next(c for c in record.candidates if c.member == record.winner)
-        cut = _find_stop(request.fused, request.settings.stop, len(request.fused) - len(record.accepted_text))
-        if cut is not None:
-            record.accepted_text = record.accepted_text[
-                : max(0, len(record.accepted_text) - (len(request.fused) - cut))
-            ]
-            request.fused = request.fused[:cut]
-            return "stop"
         if winner.finished:
             return "stop"
         if request.tokens_used >= request.max_tokens:
@@ -580,16 +612,7 @@ class SpecFuse:
             winner = record.candidates[0].member
             record.aggregated = {winner: 1.0}
         else:
-            record.scores = scores
-            record.probabilities = scoring.normalise_per_verifier(scores, settings.tau)
-            if settings.lam > 0:
-                reward = scoring.rewards(record.probabilities, list(drafts))
-                eta = scoring.learning_rate(settings.lam, len(request.trace.members), record.index)
-                request.weights = scoring.update_weights(request.weights, reward, eta)
-            record.aggregated = scoring.aggregate(record.probabilities, request.weights, list(drafts))
-            winner = scoring.pick_winner(record.aggregated, request.weights, order)
-            for member, value in record.aggregated.items():
-                request.quality[member] += value
+            winner = self._rank(request, record, drafts, scores, order)
         record.weights_after = dict(request.weights)
         record.winner = winner
         record.accepted_text = drafts[winner].text
@@ -597,20 +620,64 @@ class SpecFuse:
         request.tokens_used += drafts[winner].token_count
 
         if settings.model_exit and not solo and record.index >= settings.exit_warmup:
-            active_drafters = [m.name for m in drafters]
-            record.exits = scoring.exit_decisions(
-                request.quality,
-                active_drafters,
-                temperature=settings.exit_temperature,
-                ratio=settings.exit_ratio,
-                min_active=min(settings.min_active, len(active_drafters)),
-            )
+            record.exits = self._exits(request, [m.name for m in drafters])
             request.active = [m for m in request.active if m.name not in record.exits]
         self._drop_failing(request, record)
 
         record.wall_time = time.perf_counter() - started
         request.trace.rounds.append(record)
         return record
+
+    @staticmethod
+    def _rank(
+        request: _Request,
+        record: RoundRecord,
+        drafts: dict[str, Draft],
+        scores: dict[str, dict[str, float]],
+        order: list[str],
+    ) -> str:
+        """Steps 3-4 of a verified round: probabilities, SpecEM weights, S, the winner."""
+        settings = request.settings
+        record.scores = scores
+        if settings.self_verify:
+            record.probabilities = scoring.normalise_per_verifier(scores, settings.tau)
+        else:
+            record.probabilities = scoring.cross_probabilities(scores, settings.tau)
+        if settings.lam > 0:
+            reward = scoring.rewards(record.probabilities, list(drafts))
+            eta = scoring.learning_rate(settings.lam, len(request.trace.members), record.index)
+            request.weights = scoring.update_weights(request.weights, reward, eta)
+        record.aggregated = scoring.aggregate(record.probabilities, request.weights, list(drafts))
+        support = record.aggregated
+        if settings.pool_identical:
+            groups = {m: f"{d.finished:d}{d.text}" for m, d in drafts.items()}
+            support = scoring.pool_identical(record.aggregated, groups)
+            record.pooled = support
+        for member, value in record.aggregated.items():
+            request.quality[member] += value
+        request.history.append(dict(record.aggregated))
+        return scoring.pick_winner(support, request.weights, order)
+
+    @staticmethod
+    def _exits(request: _Request, active_drafters: list[str]) -> list[str]:
+        """Which drafters leave after this round, by the configured exit rule."""
+        settings = request.settings
+        keep = min(settings.min_active, len(active_drafters))
+        if settings.exit_rule == "evidence":
+            return scoring.evidence_exits(
+                request.history,
+                active_drafters,
+                margin=settings.exit_margin,
+                patience=settings.exit_patience,
+                min_active=keep,
+            )
+        return scoring.exit_decisions(
+            request.quality,
+            active_drafters,
+            temperature=settings.exit_temperature,
+            ratio=settings.exit_ratio,
+            min_active=keep,
+        )
 
     @staticmethod
     def _drop_failing(request: _Request, record: RoundRecord) -> None:
@@ -651,97 +718,177 @@ class SpecFuse:
 
         Returns the drafts that succeeded and s[verifier][drafter].
         """
-        settings = request.settings
         started = time.perf_counter()
-        drafts: dict[str, Draft] = {}
-        scores: dict[str, dict[str, float]] = {v.name: {} for v in verifiers}
+        state = _Candidates(scores={v.name: {} for v in verifiers})
         own_draft_done = {m.name: asyncio.Event() for m in drafters}
         lanes = {v.name: _ScoreLane(v, request.prompts[v.name] + request.fused, record) for v in verifiers}
-        index = {name: i for i, name in enumerate(request.trace.members)}
-
-        async def chain(drafter: Member) -> None:
-            stops = [*settings.stop, *drafter.format.stops]
-            sampling = Sampling(
-                temperature=settings.temperature,
-                top_p=settings.top_p,
-                seed=_call_seed(request.seed, index[drafter.name], record.index),
-            )
-            t0 = time.perf_counter()
-            try:
-                draft = await drafter.backend.draft(
-                    request.prompts[drafter.name] + request.fused,
-                    max_tokens=segment_tokens,
-                    sampling=sampling,
-                    stop=stops,
-                )
-            except (SpecfuseError, OSError, TimeoutError) as exc:
-                record.calls.append(
-                    CallRecord(
-                        drafter.name,
-                        "draft",
-                        time.perf_counter() - t0,
-                        attempts=call_attempts.get(),
-                        error=_describe(exc),
-                    )
-                )
-                return
-            finally:
-                own_draft_done[drafter.name].set()
-            record.calls.append(
-                CallRecord(
-                    drafter.name,
-                    "draft",
-                    time.perf_counter() - t0,
-                    attempts=call_attempts.get(),
-                    tokens=draft.token_count,
-                    **_cost_fields(draft.usage),
-                )
-            )
-            drafts[drafter.name] = draft
-            waits = []
-            for v in verifiers:
-                if v.name == drafter.name and not settings.self_verify:
-                    continue
-                text = draft.text + (v.format.end_of_turn if draft.finished else "")
-                waits.append((v.name, lanes[v.name].submit(text)))
-            for verifier, future in waits:
-                # A failed score call is recorded by its lane; the verifier just abstains.
-                with contextlib.suppress(SpecfuseError, OSError, TimeoutError):
-                    scores[verifier][drafter.name] = await future
-            record.critical_path = max(record.critical_path, time.perf_counter() - started)
-
+        # Without self-votes a verifier still reads its own draft when it is the only
+        # reference its softmax would have (fewer than three drafters).
+        own_as_reference = not request.settings.self_verify and len(drafters) < 3
         lane_tasks = [
             asyncio.create_task(
                 lane.run(own_draft_done.get(name) if not lane.member.info.concurrent_calls else None)
             )
             for name, lane in lanes.items()
         ]
-        chains = [asyncio.create_task(chain(d)) for d in drafters]
-        try:
-            done, pending = await asyncio.wait(chains, timeout=settings.round_deadline)
-            for task in pending:
-                task.cancel()
-            for lane in lanes.values():
-                lane.close()
-            if pending:
-                # round_deadline passed: a verifier's call in flight is cut too, or the
-                # round would wait for it (up to its timeout and retries) after all.
-                for task in lane_tasks:
-                    task.cancel()
-            await asyncio.gather(*lane_tasks, *pending, return_exceptions=True)
-            for task in done:
-                task.result()  # surface programming errors, not backend failures
-        finally:
-            for task in [*chains, *lane_tasks]:
-                task.cancel()
-            await asyncio.gather(*chains, *lane_tasks, return_exceptions=True)
-        late = {d.name for d in drafters} - set(drafts) - {c.member for c in record.calls if c.error}
-        for name in sorted(late):
-            record.calls.append(
-                CallRecord(name, "draft", time.perf_counter() - started, error="missed the round deadline")
+        chains = [
+            asyncio.create_task(
+                self._candidate(
+                    request, record, d, segment_tokens, lanes, own_draft_done[d.name], own_as_reference, state
+                )
             )
-        scored = {v: {c: s for c, s in row.items() if c in drafts} for v, row in scores.items()}
-        return drafts, {v: row for v, row in scored.items() if row}
+            for d in drafters
+        ]
+        await _gather_by_deadline(chains, lane_tasks, lanes, request.settings.round_deadline)
+        for end in state.ended.values():
+            record.critical_path = max(record.critical_path, end - started)
+        late = {d.name for d in drafters} - set(state.drafts) - {c.member for c in record.calls if c.error}
+        for name in sorted(late):
+            record.calls.append(_call_record(name, "draft", started, error="missed the round deadline"))
+        scored = {v: {c: x for c, x in row.items() if c in state.drafts} for v, row in state.scores.items()}
+        return state.drafts, {v: row for v, row in scored.items() if row}
+
+    async def _candidate(
+        self,
+        request: _Request,
+        record: RoundRecord,
+        drafter: Member,
+        segment_tokens: int,
+        lanes: dict[str, _ScoreLane],
+        draft_done: asyncio.Event,
+        own_as_reference: bool,
+        state: _Candidates,
+    ) -> None:
+        """One candidate's chain: its draft, then its verification by every lane.
+
+        Results go into ``state`` as they arrive, so a chain cut by the round
+        deadline keeps its draft and whatever scores it already has.
+        """
+        try:
+            draft = await self._draft(request, record, drafter, segment_tokens)
+        finally:
+            draft_done.set()
+        if draft is None:
+            return
+        state.drafts[drafter.name] = draft
+        await self._verify(request.settings, drafter, draft, lanes, own_as_reference, state)
+        state.ended[drafter.name] = time.perf_counter()
+
+    @staticmethod
+    async def _draft(
+        request: _Request, record: RoundRecord, drafter: Member, segment_tokens: int
+    ) -> Draft | None:
+        """One draft call, recorded in the round; None when it failed."""
+        settings = request.settings
+        sampling = Sampling(
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            seed=_call_seed(request.seed, request.trace.members.index(drafter.name), record.index),
+        )
+        t0 = time.perf_counter()
+        try:
+            draft = await drafter.backend.draft(
+                request.prompts[drafter.name] + request.fused,
+                max_tokens=segment_tokens,
+                sampling=sampling,
+                stop=[*settings.stop, *drafter.format.stops],
+            )
+        except (SpecfuseError, OSError, TimeoutError) as exc:
+            record.calls.append(_call_record(drafter.name, "draft", t0, error=_describe(exc)))
+            return None
+        record.calls.append(
+            _call_record(drafter.name, "draft", t0, tokens=draft.token_count, usage=draft.usage)
+        )
+        return draft
+
+    @staticmethod
+    async def _verify(
+        settings: FusionSettings,
+        drafter: Member,
+        draft: Draft,
+        lanes: dict[str, _ScoreLane],
+        own_as_reference: bool,
+        state: _Candidates,
+    ) -> None:
+        """s[verifier][drafter] of one candidate, from every lane that should read it.
+
+        A finished candidate carries each verifier's own end-of-turn marker, so
+        "stop here" competes with "go on". A failed score call is recorded by
+        its lane; that verifier just abstains.
+        """
+        waits = []
+        for name, lane in lanes.items():
+            if name == drafter.name and not settings.self_verify and not own_as_reference:
+                continue
+            v = lane.member
+            if draft.finished:
+                waits.append((name, lane.submit(draft.text + v.format.end_of_turn, v.end_of_turn_tokens)))
+            else:
+                waits.append((name, lane.submit(draft.text, 0)))
+        for name, future in waits:
+            with contextlib.suppress(SpecfuseError, OSError, TimeoutError):
+                state.scores[name][drafter.name] = await future
+
+
+@dataclass
+class _Candidates:
+    """What a round's candidate chains have produced so far."""
+
+    scores: dict[str, dict[str, float]]
+    drafts: dict[str, Draft] = field(default_factory=dict)
+    #: When each candidate's chain (draft, then its verifications) ended.
+    ended: dict[str, float] = field(default_factory=dict)
+
+
+async def _gather_by_deadline(
+    chains: list[asyncio.Task[None]],
+    lane_tasks: list[asyncio.Task[None]],
+    lanes: dict[str, _ScoreLane],
+    deadline: float | None,
+) -> None:
+    """Wait for the candidate chains up to the round deadline.
+
+    Past the deadline the verifiers' calls in flight are cut too, or the round
+    would wait for them (up to their timeout and retries) after all.
+    """
+    try:
+        done, pending = await asyncio.wait(chains, timeout=deadline)
+        for task in pending:
+            task.cancel()
+        for lane in lanes.values():
+            lane.close()
+        if pending:
+            for task in lane_tasks:
+                task.cancel()
+        await asyncio.gather(*lane_tasks, *pending, return_exceptions=True)
+        for task in done:
+            task.result()  # surface programming errors, not backend failures
+    finally:
+        for task in [*chains, *lane_tasks]:
+            task.cancel()
+        await asyncio.gather(*chains, *lane_tasks, return_exceptions=True)
+
+
+def _call_record(
+    member: str,
+    kind: str,
+    started: float,
+    *,
+    tokens: int = 0,
+    error: str | None = None,
+    usage: ServerUsage | None = None,
+) -> CallRecord:
+    """The one place a backend call becomes a trace entry (attempts from the backend's
+    retries, what the call cost its server when the backend reports it)."""
+    return CallRecord(
+        member,
+        kind,
+        time.perf_counter() - started,
+        attempts=call_attempts.get(),
+        error=error,
+        tokens=tokens,
+        **_cost_fields(usage),
+    )
 
 
 def _rebuild(
@@ -790,11 +937,12 @@ class _ScoreLane:
         self.member = member
         self.context = context
         self.record = record
-        self._queue: asyncio.Queue[tuple[str, asyncio.Future[float]] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[str, int, asyncio.Future[float]] | None] = asyncio.Queue()
 
-    def submit(self, text: str) -> asyncio.Future[float]:
+    def submit(self, text: str, marker_tokens: int) -> asyncio.Future[float]:
+        """Queue a candidate; marker_tokens: how many of its last tokens are an end-of-turn marker."""
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((text, future))
+        self._queue.put_nowait((text, marker_tokens, future))
         return future
 
     def close(self) -> None:
@@ -808,7 +956,7 @@ class _ScoreLane:
         closed = False
         while not closed:
             item = await self._queue.get()
-            batch = []
+            batch: list[tuple[str, int, asyncio.Future[float]]] = []
             while item is not None:
                 batch.append(item)
                 if self._queue.empty():
@@ -818,40 +966,27 @@ class _ScoreLane:
             if batch:
                 await self._score(batch)
 
-    async def _score(self, batch: list[tuple[str, asyncio.Future[float]]]) -> None:
-        texts = list(dict.fromkeys(text for text, _ in batch))  # identical drafts are scored once
+    async def _score(self, batch: list[tuple[str, int, asyncio.Future[float]]]) -> None:
+        texts = list(dict.fromkeys(text for text, _, _ in batch))  # identical drafts are scored once
         t0 = time.perf_counter()
         try:
             results = await self.member.backend.score(self.context, texts)
         except (SpecfuseError, OSError, TimeoutError) as exc:
-            self.record.calls.append(
-                CallRecord(
-                    self.member.name,
-                    "score",
-                    time.perf_counter() - t0,
-                    attempts=call_attempts.get(),
-                    error=_describe(exc),
-                )
-            )
-            for _, future in batch:
+            self.record.calls.append(_call_record(self.member.name, "score", t0, error=_describe(exc)))
+            for _, _, future in batch:
                 if not future.done():
                     future.set_exception(BackendError(_describe(exc), member=self.member.name))
             return
         tokens = sum(len(r.token_logprobs) for r in results)
         self.record.calls.append(
-            CallRecord(
-                self.member.name,
-                "score",
-                time.perf_counter() - t0,
-                attempts=call_attempts.get(),
-                tokens=tokens,
-                **_cost_fields(total_usage([r.usage for r in results])),
+            _call_record(
+                self.member.name, "score", t0, tokens=tokens, usage=total_usage([r.usage for r in results])
             )
         )
-        by_text = {t: r.mean for t, r in zip(texts, results, strict=True)}
-        for text, future in batch:
+        by_text = dict(zip(texts, results, strict=True))
+        for text, marker_tokens, future in batch:
             if not future.done():
-                future.set_result(by_text[text])
+                future.set_result(scoring.candidate_score(by_text[text].token_logprobs, marker_tokens))
 
 
 def _as_messages(messages: str | Sequence[Message]) -> list[Message]:
@@ -875,6 +1010,28 @@ def _cost_fields(usage: ServerUsage | None) -> dict[str, Any]:
         "requests": usage.requests,
         "scoring_path": usage.path,
     }
+
+
+async def _marker_tokens(backend: Backend, marker: str) -> int:
+    """Tokens the end-of-turn marker takes after some text, in the member's tokenizer.
+
+    Measured as a difference so that a BOS token a tokenizer adds cancels out.
+    """
+    if not marker:
+        return 0
+    base = "Hi"
+    return max(1, await backend.count_tokens(base + marker) - await backend.count_tokens(base))
+
+
+def _all_stops(caller_stops: Sequence[str], members: Sequence[Member]) -> tuple[str, ...]:
+    """The caller's stop sequences plus every member's turn markers, without repeats."""
+    return tuple(dict.fromkeys([*caller_stops, *(t for m in members for t in _turn_markers(m.format))]))
+
+
+def _turn_markers(fmt: PromptFormat) -> tuple[str, ...]:
+    """Strings that open or close a turn in a member's format: none may appear in an answer."""
+    end = fmt.end_of_turn if fmt.end_of_turn.strip() else ""
+    return tuple(dict.fromkeys([*fmt.stops, *([end] if end else [])]))
 
 
 def _describe(exc: BaseException) -> str:

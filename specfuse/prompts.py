@@ -145,10 +145,11 @@ class ChatFormat:
 class PlainFormat:
     """A completion template for base models: `Role: text` turns, then `Assistant:`.
 
-    A base model ends its turn by starting the next one, so "\\nUser:" (or any
-    other turn marker) is a stop sequence, and the end-of-turn string scored
-    after a finished candidate is the model's end-of-sequence token text (or
-    "\\nUser:" when it has none).
+    A base model ends its turn by starting the next one, so "\nUser:" (or any
+    other turn marker) is a stop sequence, and "\nUser:" is also the end-of-turn
+    string scored after a finished candidate: that is how its drafts end, while
+    the model's end-of-sequence token after a chat turn is an unlikely (about
+    -5 nats) way to say "stop here".
     """
 
     bos: str = ""
@@ -169,7 +170,7 @@ class PlainFormat:
 
     @property
     def end_of_turn(self) -> str:
-        return self.eos or "\nUser:"
+        return "\nUser:"
 
     async def render(self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None) -> str:
         lines = []

@@ -52,6 +52,8 @@ class RoundRecord:
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     probabilities: dict[str, dict[str, float]] = field(default_factory=dict)
     aggregated: dict[str, float] = field(default_factory=dict)
+    #: S after identical candidates pooled their support (what the winner was picked by).
+    pooled: dict[str, float] = field(default_factory=dict)
     weights_before: dict[str, float] = field(default_factory=dict)
     weights_after: dict[str, float] = field(default_factory=dict)
     winner: str | None = None
@@ -143,6 +145,20 @@ class FusionTrace:
             return 0.0
         return sum(len({c.member for c in r.calls}) for r in self.rounds) / len(self.rounds)
 
+    @property
+    def members_per_round_by_tokens(self) -> float:
+        """Members called per round, each round weighted by the tokens it added.
+
+        A 32-token round drafted alone weighs three times a 10-token fused one,
+        so this says how many members stood behind the average token.
+        """
+        weighted = total = 0
+        for r in self.rounds:
+            won = next((c.tokens for c in r.candidates if c.member == r.winner), 0)
+            weighted += won * len({c.member for c in r.calls})
+            total += won
+        return weighted / total if total else 0.0
+
     def summary(self) -> dict[str, Any]:
         members = self.member_summaries()
         tokens = self.completion_tokens
@@ -150,6 +166,7 @@ class FusionTrace:
             "rounds": len(self.rounds),
             "calls": self.total_calls,
             "members_per_round": round(self.members_per_round, 3),
+            "members_per_round_by_tokens": round(self.members_per_round_by_tokens, 3),
             "completion_tokens": tokens,
             "time_to_first_segment": self.time_to_first_segment,
             "total_time": round(self.total_time, 4),

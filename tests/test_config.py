@@ -10,11 +10,17 @@ from specfuse import ConfigError, EnsembleConfig, FusionSettings, MemberConfig, 
 from specfuse.errors import ModelNotAvailableError
 
 
-def test_defaults_are_the_designs_except_the_benchmarked_exit_knobs() -> None:
+def test_defaults() -> None:
     s = FusionSettings()
-    assert (s.segment_tokens, s.temperature, s.top_p, s.tau, s.self_verify) == (10, 0.6, 0.9, 1.0, True)
-    # Exit knobs: chosen by benchmarks/ifeval (RESULTS.md), not the paper-era starting values.
-    assert (s.exit_warmup, s.exit_ratio, s.exit_temperature, s.min_active) == (4, 0.5, 0.1, 1)
+    assert (s.segment_tokens, s.temperature, s.top_p, s.tau) == (10, 0.6, 0.9, 1.0)
+    # No self-votes, identical candidates pooled, exit on evidence keeping two members.
+    assert (s.self_verify, s.pool_identical, s.exit_rule) == (False, True, "evidence")
+    assert (s.exit_warmup, s.exit_margin, s.exit_patience, s.min_active) == (4, 2.0, 3, 2)
+
+
+def test_default_min_active_does_not_refuse_a_one_or_two_member_ensemble() -> None:
+    # min_active caps exits; the default of 2 must not make one drafter an error.
+    assert EnsembleConfig.build(["smollm2-135m"]).fusion.min_active == 2
 
 
 def test_no_members() -> None:

@@ -96,14 +96,140 @@ async def test_identical_candidates_are_scored_once_per_verifier() -> None:
         assert sorted(flat) == sorted(set(flat)), backend.scored
 
 
-async def test_self_verify_off_skips_own_candidate() -> None:
+async def test_without_self_votes_three_drafters_never_score_their_own() -> None:
     log: list = []
-    a = ScriptedBackend("a", "x", 0.01, log)
-    b = ScriptedBackend("b", "y", 0.01, log)
-    result = await fuse_of(a, b, self_verify=False).agenerate("hi")
+    a, b, c = (ScriptedBackend(n, n.upper(), 0.01, log) for n in "abc")
+    result = await fuse_of(a, b, c, self_verify=False).agenerate("hi")
     record = result.trace.rounds[0]
-    assert set(record.scores["a"]) == {"b"}
-    assert set(record.scores["b"]) == {"a"}
+    for v in "abc":
+        assert set(record.scores[v]) == set("abc") - {v}
+
+
+class TableBackend(ScriptedBackend):
+    """Drafts the next text of a script each round; scores a candidate by a fixed table.
+
+    The table maps a candidate's text to one log-prob per token, so a test
+    controls every verifier's opinion exactly.
+    """
+
+    def __init__(self, name: str, texts: Sequence[str], table: dict[str, float], log: list) -> None:
+        super().__init__(name, texts[0], 0.0, log)
+        self.texts, self.table, self.rounds = list(texts), table, 0
+
+    async def draft(
+        self, context: str, *, max_tokens: int, sampling: Sampling, stop: Sequence[str] = ()
+    ) -> Draft:
+        text = self.texts[min(self.rounds, len(self.texts) - 1)]
+        self.rounds += 1
+        return Draft(text, token_count=2, finish_reason="length")
+
+    async def score(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
+        self.scored.append(list(candidates))
+        return [CandidateScore((self.table.get(c, -9.0),)) for c in candidates]
+
+
+async def test_without_self_votes_two_drafters_are_not_decided_by_member_order() -> None:
+    """With self_verify off, each of two verifiers once judged a single candidate:
+    softmax of one value is 1, both candidates got S = 1 and member order picked
+    the first every round. Each now judges the other's draft against its own."""
+    log: list = []
+    # a finds b's text better than its own; b finds a's text far worse than its own.
+    a = TableBackend("a", ["x"], {"x": -1.0, "y": -0.5}, log)
+    b = TableBackend("b", ["y"], {"x": -3.0, "y": -0.1}, log)
+    result = await fuse_of(a, b, self_verify=False, lam=0).agenerate("hi")
+    record = result.trace.rounds[0]
+    assert record.probabilities["a"] == pytest.approx({"b": 0.6224593})
+    assert record.probabilities["b"] == pytest.approx({"a": 0.0521536})
+    assert record.winner == "b"
+
+
+async def test_identical_candidates_pool_their_support_in_a_round() -> None:
+    log: list = []
+    table = {"x": -1.0, "y": -0.5}
+    members = [TableBackend("a", ["x"], table, log), TableBackend("b", ["x"], table, log)]
+    members.append(TableBackend("c", ["y"], table, log))
+    pooled = await fuse_of(*members, self_verify=True, lam=0).agenerate("hi")
+    assert pooled.trace.rounds[0].winner == "a"  # x: 2 x 0.2741 against y: 0.4518
+    assert pooled.trace.rounds[0].pooled["a"] == pytest.approx(0.5482, abs=1e-4)
+    for m in members:
+        m.rounds = 0
+    split = await fuse_of(*members, self_verify=True, lam=0, pool_identical=False).agenerate("hi")
+    assert split.trace.rounds[0].winner == "c"
+
+
+async def test_a_turn_marker_split_across_two_segments_is_cut_from_the_answer() -> None:
+    """A base model's "\nUser:" arrived as "\nUs" + "er:" in two rounds; each draft
+    alone has no marker, so only a check of the fused text catches it."""
+    log: list = []
+    table = {" Yes.\nUs": -0.1, "er: Yes again": -0.1}
+    talker = TableBackend("talker", [" Yes.\nUs", "er: Yes again"], table, log)
+    other = TableBackend("other", ["zzz"], table, log)
+    result = await fuse_of(talker, other, max_tokens=20, lam=0).agenerate("Say yes.")
+    assert [r.winner for r in result.trace.rounds] == ["talker", "talker"]
+    assert result.text == " Yes."
+    assert result.finish_reason == "stop"
+    assert "".join(r.accepted_text for r in result.trace.rounds) == result.text
+
+
+async def test_stream_never_shows_a_members_turn_marker() -> None:
+    log: list = []
+    table = {" Yes.\nUs": -0.1, "er: Yes again": -0.1}
+    talker = TableBackend("talker", [" Yes.\nUs", "er: Yes again"], table, log)
+    other = TableBackend("other", ["zzz"], table, log)
+    pieces = [seg.text async for seg in fuse_of(talker, other, max_tokens=20, lam=0).astream("Say yes.")]
+    assert "".join(pieces) == " Yes."
+    assert all("\nUs" not in p for p in pieces)
+
+
+async def test_specem_keeps_a_verify_only_members_weight() -> None:
+    log: list = []
+    a = ScriptedBackend("a", "A", 0.0, log)
+    b = ScriptedBackend("b", "B", 0.0, log)
+    judge = ScriptedBackend("judge", "J", 0.0, log)
+    judge_member = member(judge)
+    judge_member.roles = frozenset({"verify"})
+    from specfuse import FusionSettings
+
+    fusion = FusionSettings(max_tokens=8, model_exit=False, seed=1, lam=1.0)
+    fuse = SpecFuse(members=[member(a), member(b), judge_member], fusion=fusion)
+    result = await fuse.agenerate("hi")
+    assert len(result.trace.rounds) == 4
+    for record in result.trace.rounds:
+        assert record.weights_after["judge"] == pytest.approx(1 / 3)
+
+
+async def test_evidence_exit_drops_a_clear_loser_and_keeps_two_verifiers_to_the_end() -> None:
+    log: list = []
+    table = {"A": -1.0, "B": -1.2, "C": -3.0}
+    members = [TableBackend(n, [n.upper()], table, log) for n in "abc"]
+    fuse = fuse_of(*members, max_tokens=20, model_exit=True, exit_warmup=2, exit_patience=2, lam=0)
+    result = await fuse.agenerate("hi")
+    exits = {m: r.index for r in result.trace.rounds for m in r.exits}
+    assert list(exits) == ["c"]
+    last = result.trace.rounds[-1]
+    assert {c.member for c in last.calls if c.kind == "score"} == {"a", "b"}
+    assert not last.skipped_verification
+
+
+def test_members_per_round_by_tokens_weighs_rounds_by_the_tokens_they_added() -> None:
+    from specfuse.trace import CallRecord, CandidateRecord, FusionTrace, RoundRecord
+
+    fused = RoundRecord(
+        1,
+        candidates=[CandidateRecord(m, "t", 10, False, "length") for m in "abc"],
+        winner="a",
+        calls=[CallRecord(m, "draft", 0.0) for m in "abc"],
+    )
+    alone = RoundRecord(
+        2,
+        candidates=[CandidateRecord("a", "t", 30, False, "length")],
+        winner="a",
+        calls=[CallRecord("a", "draft", 0.0)],
+    )
+    trace = FusionTrace(members=list("abc"), rounds=[fused, alone])
+    assert trace.members_per_round == 2.0  # (3 + 1) / 2
+    assert trace.members_per_round_by_tokens == pytest.approx(1.5)  # (3 x 10 + 1 x 30) / 40
+    assert trace.summary()["members_per_round_by_tokens"] == pytest.approx(1.5)
 
 
 async def test_a_failing_drafter_is_recorded_and_the_round_goes_on() -> None:

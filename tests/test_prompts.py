@@ -51,7 +51,9 @@ async def test_base_model_has_no_chat_template_and_gets_the_plain_format() -> No
     fmt = PlainFormat(bos=info.extra["bos_text"], eos=info.extra["eos_text"])
     prompt = await fmt.render(CHAT, None)
     assert prompt == "<bos>System: Be brief.\nUser: What is 3 times 4?\nAssistant:"
-    assert fmt.end_of_turn == "<eos>"
+    # A finished candidate is scored with the marker its drafts actually end at,
+    # not the end-of-sequence token (about -5 nats after a chat turn).
+    assert fmt.end_of_turn == "\nUser:"
     assert "\nUser:" in fmt.stops
     assert "multiply" in await fmt.render(CHAT, TOOLS)
 

@@ -12,6 +12,29 @@ import pytest
 from specfuse import scoring
 
 
+def test_candidate_score_is_the_per_token_mean() -> None:
+    # (-1 - 2 - 3) / 3 = -2; a one-token marker changes nothing
+    assert scoring.candidate_score([-1.0, -2.0, -3.0]) == pytest.approx(-2.0)
+    assert scoring.candidate_score([-1.0, -2.0, -3.0], marker_tokens=1) == pytest.approx(-2.0)
+    with pytest.raises(ValueError, match="at least one token"):
+        scoring.candidate_score([])
+
+
+def test_a_finished_candidates_marker_counts_as_one_stop_decision() -> None:
+    # "." then the three tokens of "\nUser:": (-1 + (-2 - 0.1 - 0.1)) / 2 = -1.6,
+    # where a plain mean would have diluted the stop over three tokens: -3.2 / 4 = -0.8
+    assert scoring.candidate_score([-1.0, -2.0, -0.1, -0.1], marker_tokens=3) == pytest.approx(-1.6)
+    # "stop now" with nothing before it: the marker's joint log-prob; a marker
+    # longer than what was scored is capped at the whole candidate
+    assert scoring.candidate_score([-2.0, -0.5], marker_tokens=5) == pytest.approx(-2.5)
+
+
+def test_backend_candidate_score_mean_is_the_same_formula() -> None:
+    from specfuse.backends.base import CandidateScore
+
+    assert CandidateScore((-1.0, -2.0, -3.0)).mean == scoring.candidate_score([-1.0, -2.0, -3.0])
+
+
 def test_softmax_two_candidates() -> None:
     # p_a = e^-1 / (e^-1 + e^-2) = 1 / (1 + e^-1) = 0.7310585786
     p = scoring.softmax({"a": -1.0, "b": -2.0})
@@ -142,3 +165,84 @@ def test_exit_temperature_sharpens_decisions() -> None:
     # T=0.05: pi_b = e^20/(e^24+2e^20) = 0.0179 < 0.1667: b and c leave
     out = scoring.exit_decisions(q, ["a", "b", "c"], temperature=0.05, ratio=0.5, min_active=1)
     assert sorted(out) == ["b", "c"]
+
+
+def test_self_votes_can_decide_the_winner_and_cross_probabilities_remove_them() -> None:
+    # Verifier a loves its own draft; b and c both prefer b's over the rest.
+    scores = {
+        "a": {"a": 0.0, "b": -4.0, "c": -5.0},
+        "b": {"a": -2.0, "b": 0.0, "c": -2.5},
+        "c": {"a": -2.0, "b": -1.5, "c": 0.0},
+    }
+    equal = {"a": 1.0, "b": 1.0, "c": 1.0}
+    with_self = scoring.aggregate(scoring.normalise_per_verifier(scores), equal, ["a", "b", "c"])
+    # (0.9756 + 0.1112 + 0.0996) / 3 = 0.3955 beats (0.0179 + 0.8214 + 0.1643) / 3 = 0.3345
+    assert with_self["a"] == pytest.approx(0.3955, abs=1e-4)
+    assert scoring.pick_winner(with_self, equal, ["a", "b", "c"]) == "a"
+    p = scoring.cross_probabilities(scores)
+    # each verifier's softmax over the other two: a: b 0.7311, c 0.2689; b: a 0.6225, c 0.3775
+    assert p["a"] == pytest.approx({"b": 0.7310586, "c": 0.2689414})
+    assert p["b"] == pytest.approx({"a": 0.6224593, "c": 0.3775407})
+    cross = scoring.aggregate(p, equal, ["a", "b", "c"])
+    # S(b) = (0.7311 + 0.6225) / 2 = 0.6768
+    assert cross["b"] == pytest.approx(0.6767589)
+    assert scoring.pick_winner(cross, equal, ["a", "b", "c"]) == "b"
+
+
+def test_cross_probabilities_with_two_drafters_use_the_own_draft_as_reference() -> None:
+    # a prefers b's text to its own; b finds a's text far worse than its own.
+    scores = {"a": {"a": -1.0, "b": -0.5}, "b": {"a": -3.0, "b": -0.1}, "v": {"v": -1.0}}
+    p = scoring.cross_probabilities(scores)
+    assert p["a"] == pytest.approx({"b": 1 / (1 + math.exp(-0.5))})  # 0.6225
+    assert p["b"] == pytest.approx({"a": 1 / (1 + math.exp(2.9))})  # 0.0522
+    assert p["v"] == {}  # nothing but its own candidate: abstains
+    # Plain per-verifier softmax over a single scored candidate is always 1: no information.
+    assert scoring.normalise_per_verifier({"a": {"b": -7.0}, "b": {"a": -0.1}}) == {
+        "a": {"b": 1.0},
+        "b": {"a": 1.0},
+    }
+
+
+def test_identical_candidates_pool_their_support() -> None:
+    # Every verifier: x -1, y -0.5; x proposed twice splits its softmax mass:
+    # e^-1 / (2 e^-1 + e^-0.5) = 0.2741 each against 0.4518 for y.
+    p = {v: scoring.softmax({"a": -1.0, "b": -1.0, "c": -0.5}) for v in ("a", "b", "c")}
+    s = scoring.aggregate(p, {"a": 1.0, "b": 1.0, "c": 1.0}, ["a", "b", "c"])
+    assert scoring.pick_winner(s, {}, ["a", "b", "c"]) == "c"
+    pooled = scoring.pool_identical(s, {"a": "x", "b": "x", "c": "y"})
+    assert pooled["a"] == pooled["b"] == pytest.approx(0.5482, abs=1e-4)
+    assert pooled["c"] == pytest.approx(0.4518, abs=1e-4)
+    assert scoring.pick_winner(pooled, {}, ["a", "b", "c"]) == "a"
+
+
+def test_update_weights_keeps_a_verify_only_members_weight() -> None:
+    # v drafts nothing, so has no reward. a doubles (eta = ln 2, r = 1), b stays:
+    # a and b share their previous mass 0.5 as 0.5 : 0.25, i.e. 1/3 and 1/6; v keeps 0.5.
+    w = scoring.update_weights({"a": 0.25, "b": 0.25, "v": 0.5}, {"a": 1.0, "b": 0.0}, math.log(2))
+    assert w == pytest.approx({"a": 1 / 3, "b": 1 / 6, "v": 0.5})
+    assert sum(w.values()) == pytest.approx(1.0)
+
+
+def test_evidence_exit_needs_a_lead_beyond_the_spread_for_patience_rounds() -> None:
+    # c trails by the same amount every round: deviations (+1/15, +1/15, -2/15).
+    # After 3 rounds sigma = sqrt(3 * 6/225 / 8) = 0.1 and c's z is -0.4 / (0.1 * sqrt 3) = -2.31;
+    # after 2 rounds (same sigma) -0.2667 / (0.1 * sqrt 2) = -1.89.
+    history = [{"a": 0.4, "b": 0.4, "c": 0.2}] * 3
+    rule = {"margin": 2.0, "min_active": 2}
+    assert scoring.evidence_exits(history, ["a", "b", "c"], patience=1, **rule) == ["c"]
+    assert scoring.evidence_exits(history, ["a", "b", "c"], patience=2, **rule) == []
+    # one more such round: z = -2.35 then -2.71, so two rounds in a row are enough
+    assert scoring.evidence_exits(history + history[:1], ["a", "b", "c"], patience=2, **rule) == ["c"]
+    # min_active caps the exits
+    assert scoring.evidence_exits(history, ["a", "b", "c"], patience=1, margin=2.0, min_active=3) == []
+
+
+def test_evidence_exit_ignores_noise_that_the_softmax_rule_acts_on() -> None:
+    # The trailing member changes every round. The old defaults (T 0.1, min_active 1)
+    # drop b after 4 rounds on a cumulative gap of 0.2; the evidence rule sees
+    # b's z of -0.13 / (0.130 * 2) = -0.51 and keeps everyone.
+    history = [{"a": 0.5, "b": 0.3, "c": 0.2}, {"a": 0.2, "b": 0.3, "c": 0.5}] * 2
+    quality = {m: sum(r[m] for r in history) for m in ("a", "b", "c")}
+    old = scoring.exit_decisions(quality, ["a", "b", "c"], temperature=0.1, ratio=0.5, min_active=1)
+    assert old == ["b"]
+    assert scoring.evidence_exits(history, ["a", "b", "c"], margin=2.0, patience=1, min_active=1) == []

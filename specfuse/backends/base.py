@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from specfuse.scoring import candidate_score
+
 FinishReason = Literal["length", "eos", "stop"]
 
 #: How many attempts the backend call that just returned in this task needed
@@ -109,7 +111,8 @@ class CandidateScore:
 
     @property
     def mean(self) -> float:
-        return sum(self.token_logprobs) / len(self.token_logprobs)
+        """Mean log-prob per token (scoring.candidate_score, with no end-of-turn marker)."""
+        return candidate_score(self.token_logprobs)
 
 
 @dataclass(frozen=True)
