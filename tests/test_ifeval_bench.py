@@ -139,6 +139,45 @@ def test_exit_knobs_change_only_the_exit_modes_cache_keys() -> None:
     assert exit_mode.fusion_settings(base)["exit_warmup"] == FusionSettings().exit_warmup
 
 
+def test_solo_and_whole_cache_keys_stay_those_of_the_tracked_cache() -> None:
+    """The tracked cache holds hours of solo answers: a change of fusion defaults or
+    of the harness must not orphan them. `default` follows every library default."""
+    from specfuse.config import FusionSettings
+
+    modes = {m.name: m for m in bench.expand_modes(bench.ALL_MODES, bench.DEFAULT_MEMBERS)}
+    s = bench.BenchSettings()
+    assert modes["solo:smollm2-135m"].cache_id(s) == "solo_smollm2-135m-c2c8915d8a"
+    assert modes["solo:qwen2.5-coder-0.5b"].cache_id(s) == "solo_qwen2.5-coder-0.5b-0bc8838e75"
+    assert modes["solo:gemma3-270m"].cache_id(s) == "solo_gemma3-270m-be171829f8"
+    for name in ("solo:smollm2-135m", "solo:gemma3-270m"):
+        assert (bench.DEFAULT_CACHE / f"{modes[name].cache_id(s)}.jsonl").exists()
+    default = modes["default"].fusion_settings(s)
+    assert default == FusionSettings(max_tokens=128, temperature=0.6, top_p=0.9, seed=1234).model_dump(
+        mode="json"
+    )
+    assert modes["fuse"].fusion_settings(s)["self_verify"] is True  # the paper's plain SpecFuse
+
+
+def test_workers_fill_the_cache_that_one_process_then_reads(tmp_path: Path) -> None:
+    data = tmp_path / "two.jsonl"
+    data.write_text("\n".join(bench.DEFAULT_DATA.read_text(encoding="utf-8").splitlines()[:2]) + "\n")
+    settings = bench.BenchSettings(max_tokens=3, temperature=0.0, seed=3)
+    kwargs = dict(
+        data=data,
+        members=PAIR,
+        modes=["solo"],
+        settings=settings,
+        out_dir=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    parallel = bench.run_benchmark(**kwargs, workers=2)
+    assert parallel.stats.computed == 2 * len(PAIR)
+    again = bench.run_benchmark(**kwargs)
+    assert again.stats.computed == 0 and again.stats.cached == 2 * len(PAIR)
+    assert again.table == parallel.table
+
+
 def test_start_skips_prompts_for_a_held_out_split() -> None:
     everything = bench.load_prompts(bench.DEFAULT_DATA)
     split = bench.load_prompts(bench.DEFAULT_DATA, limit=5, start=100)
@@ -164,3 +203,21 @@ def test_exit_replay_follows_the_engine_rule_on_a_round_log() -> None:
     log[5]["winner"] = "b"
     alone = replay(log, ExitRule(2, 0.1, 0.5, 1), members, solo_segment=32, segment=10)
     assert alone.lost_rounds == 1
+
+
+def test_exit_replay_runs_the_evidence_rule_like_the_engine() -> None:
+    """c trails by the same amount every round: the evidence rule drops it once the
+    z of its lead passes -2 for two rounds (rounds 3 and 4 here, see test_scoring),
+    and keeps two members; a noisy log where the loser changes keeps everyone."""
+    from benchmarks.ifeval.exit_replay import ExitRule, replay
+
+    members = ("a", "b", "c")
+    steady = [{"winner": "a", "S": {"a": 0.4, "b": 0.4, "c": 0.2}, "calls": 9} for _ in range(6)]
+    rule = ExitRule(2, 0.0, 0.0, 2, "evidence", margin=2.0, patience=2)
+    out = replay(steady, rule, members, solo_segment=32, segment=10)
+    assert out.exit_round == 4 and out.kept_top_winner
+    noisy = [
+        {"winner": w, "S": s, "calls": 9}
+        for w, s in [("a", {"a": 0.5, "b": 0.3, "c": 0.2}), ("c", {"a": 0.2, "b": 0.3, "c": 0.5})] * 3
+    ]
+    assert replay(noisy, rule, members, solo_segment=32, segment=10).exit_round is None

@@ -51,8 +51,17 @@ class ExitRule:
     temperature: float
     ratio: float
     min_active: int
+    #: "softmax" (the paper's rule: temperature, ratio) or "evidence" (margin, patience).
+    kind: str = "softmax"
+    margin: float = 2.0
+    patience: int = 3
 
     def label(self) -> str:
+        if self.kind == "evidence":
+            return (
+                f"evidence, warmup {self.warmup}, margin {self.margin:g}, patience {self.patience}, "
+                f"min_active {self.min_active}"
+            )
         return (
             f"warmup {self.warmup}, T {self.temperature:g}, ratio {self.ratio:g}, "
             f"min_active {self.min_active}"
@@ -84,6 +93,7 @@ def replay(
 
     active = list(members)
     quality = dict.fromkeys(members, 0.0)
+    history: list[dict[str, float]] = []
     per_member_call = sum(r["calls"] for r in round_log) / (len(members) * len(round_log))
     calls = 0.0
     rounds = 0
@@ -114,14 +124,17 @@ def replay(
         total = sum(s.values()) or 1.0
         for m in active:  # S renormalised over the members still drafting
             quality[m] += s[m] / total
+        history.append({m: s[m] / total for m in active})
         if index >= rule.warmup:
-            leaving = scoring.exit_decisions(
-                quality,
-                active,
-                temperature=rule.temperature,
-                ratio=rule.ratio,
-                min_active=min(rule.min_active, len(active)),
-            )
+            keep = min(rule.min_active, len(active))
+            if rule.kind == "evidence":
+                leaving = scoring.evidence_exits(
+                    history, active, margin=rule.margin, patience=rule.patience, min_active=keep
+                )
+            else:
+                leaving = scoring.exit_decisions(
+                    quality, active, temperature=rule.temperature, ratio=rule.ratio, min_active=keep
+                )
             if leaving and exit_round is None:
                 exit_round = index
             exited.update(leaving)
@@ -174,10 +187,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratio": [0.5],
         "min_active": [2, 1],
     }
+    candidates = rules(grid) + [
+        ExitRule(warmup, 0.0, 0.0, min_active, "evidence", margin, patience)
+        for warmup in (3, 4)
+        for margin in (1.0, 1.5, 2.0)
+        for patience in (2, 3)
+        for min_active in (2, 1)
+    ]
     print(f"{len(logs)} fuse answers; members {', '.join(members)}\n")
     print("| rule | exits in | mean exit round | calls cut | members/round | lost wins | top winner kept |")
     print("|---|---|---|---|---|---|---|")
-    for rule in rules(grid):
+    for rule in candidates:
         results = [
             replay(log, rule, members, defaults.solo_segment_tokens, defaults.segment_tokens) for log in logs
         ]

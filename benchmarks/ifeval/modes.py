@@ -1,0 +1,123 @@
+"""The ways of answering a prompt and the settings every mode shares.
+
+A mode is a member alone, the whole-answer re-ranker, or a fusion mode; its cache key
+hashes everything that changes its answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_MEMBERS: tuple[str, ...] = ("smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m")
+ENSEMBLE_MODES: tuple[str, ...] = ("fuse", "specem", "exit", "specem+exit", "default")
+#: The paper's verification, so fuse/specem/exit modes each isolate one mechanism;
+#: `default` runs whatever the library's defaults are.
+PAPER_VERIFICATION: dict[str, Any] = {"self_verify": True, "pool_identical": False}
+ALL_MODES: tuple[str, ...] = ("solo", "whole", *ENSEMBLE_MODES)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Settings shared by every mode of one run (part of every cache key)."""
+
+    max_tokens: int = 128
+    segment_tokens: int = 10
+    temperature: float = 0.6
+    top_p: float = 0.9
+    seed: int = 1234
+    lam: float = 1.0
+    # Model-exit knobs of the exit modes; None = the library's default.
+    exit_rule: str | None = None
+    exit_warmup: int | None = None
+    exit_margin: float | None = None
+    exit_patience: int | None = None
+    exit_temperature: float | None = None
+    exit_ratio: float | None = None
+    min_active: int | None = None
+
+    def exit_settings(self) -> dict[str, Any]:
+        """The exit knobs in effect: explicit ones, else FusionSettings' defaults.
+
+        Resolved here so a change of the library's defaults changes the cache key
+        of the exit modes instead of silently reusing answers made under the old ones.
+        """
+        from specfuse.config import FusionSettings
+
+        defaults = FusionSettings()
+        chosen = {
+            "exit_rule": self.exit_rule,
+            "exit_warmup": self.exit_warmup,
+            "exit_margin": self.exit_margin,
+            "exit_patience": self.exit_patience,
+            "exit_temperature": self.exit_temperature,
+            "exit_ratio": self.exit_ratio,
+            "min_active": self.min_active,
+        }
+        return {k: getattr(defaults, k) if v is None else v for k, v in chosen.items()}
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way of answering: a member alone, the whole-answer re-ranker, or a fusion mode."""
+
+    name: str
+    kind: str  # "solo" | "whole" | "fusion"
+    members: tuple[str, ...]
+
+    def fusion_settings(self, s: BenchSettings) -> dict[str, Any]:
+        """The FusionSettings this mode runs with (whole reuses the solo runs' settings)."""
+        common = {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
+        if self.kind in ("solo", "whole"):
+            # One segment of max_tokens: a pure single-model answer.
+            return {**common, "solo_segment_tokens": s.max_tokens, "lam": 0.0, "model_exit": False}
+        if self.name == "default":
+            # Every knob resolved, so a change of any library default is a new cache key.
+            from specfuse.config import FusionSettings
+
+            return FusionSettings(**common, segment_tokens=s.segment_tokens).model_dump(mode="json")
+        lam = s.lam if "specem" in self.name else 0.0
+        fusion = {
+            **common,
+            **PAPER_VERIFICATION,
+            "segment_tokens": s.segment_tokens,
+            "lam": lam,
+            "model_exit": "exit" in self.name,
+        }
+        if fusion["model_exit"]:
+            fusion.update(s.exit_settings())
+        return fusion
+
+    def cache_id(self, s: BenchSettings) -> str:
+        """Mode name plus a hash of everything that changes its answers."""
+        blob = json.dumps(
+            {"mode": self.name, "members": self.members, "fusion": self.fusion_settings(s)}, sort_keys=True
+        )
+        digest = hashlib.sha1(blob.encode()).hexdigest()[:10]
+        return f"{re.sub(r'[^A-Za-z0-9.+-]', '_', self.name)}-{digest}"
+
+
+def expand_modes(names: Sequence[str], members: Sequence[str]) -> list[Mode]:
+    """Mode names -> modes, in the order a prompt runs them (solo answers before `whole`)."""
+    unknown = set(names) - set(ALL_MODES)
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {sorted(unknown)}; choose from {list(ALL_MODES)}")
+    members = tuple(members)
+    modes: list[Mode] = []
+    if "solo" in names or "whole" in names:
+        # `whole` re-ranks the solo answers, so it needs them (they are cached, not run twice).
+        modes += [Mode(f"solo:{m}", "solo", (m,)) for m in members]
+    if "whole" in names:
+        if len(members) < 2:
+            raise SystemExit("the whole-answer baseline needs at least two members")
+        modes.append(Mode("whole", "whole", members))
+    for name in ENSEMBLE_MODES:
+        if name in names:
+            if len(members) < 2:
+                raise SystemExit(f"mode {name!r} needs at least two members")
+            modes.append(Mode(name, "fusion", members))
+    return modes
