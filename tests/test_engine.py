@@ -21,7 +21,8 @@ def _check_trace_agrees(result: FusionResult) -> None:
         # the accepted text is the winner's candidate (cut only by a stop sequence)
         assert texts[record.winner].startswith(record.accepted_text)
         if not record.skipped_verification:
-            assert max(record.aggregated.values()) == record.aggregated[record.winner]
+            support = record.pooled or record.aggregated  # identical candidates pool their S
+            assert max(support.values()) == support[record.winner]
             assert sum(record.weights_after.values()) == pytest.approx(1.0)
     assert "".join(r.accepted_text for r in trace.rounds) == result.text
     summary = trace.summary()
@@ -132,6 +133,7 @@ def test_exits_are_recorded_and_honoured() -> None:
         max_tokens=40,
         segment_tokens=6,
         exit_warmup=1,
+        exit_rule="softmax",
         exit_temperature=0.02,  # sharp: any quality gap sends the weaker members out
         min_active=1,
     )
@@ -202,3 +204,21 @@ def test_prompt_over_the_context_window_is_refused() -> None:
     huge = "word " * 40_000  # beyond the 8k / 32k windows of both members
     with pytest.raises(ContextWindowError, match="context window"):
         fuse.generate(huge)
+
+
+def test_no_answer_contains_a_fake_next_turn(pair: SpecFuse) -> None:
+    """smollm2 + gemma (plain template), greedy, once answered
+    " Yes, I'm sorry.\\nUser: Yes, I'm sorry.\\nUser: No, I'm": gemma's "\\nUser:"
+    split over two segments, and only single drafts were checked for it."""
+    result = pair.generate("Say only the word yes.", max_tokens=40)
+    for marker in ("\nUser:", "\nAssistant:", "\nSystem:", "<|im_end|>"):
+        assert marker not in result.text, result.text
+    assert "".join(r.accepted_text for r in result.trace.rounds) == result.text
+
+
+def test_end_of_turn_markers_are_measured_in_each_members_tokenizer(pair: SpecFuse) -> None:
+    members = {m.name: m for m in pair.start()}
+    # ChatML's <|im_end|> is one special token; the plain template's "\\nUser:" is several.
+    assert members["smollm2-135m"].end_of_turn_tokens == 1
+    assert members["gemma3-270m"].format.end_of_turn == "\nUser:"
+    assert members["gemma3-270m"].end_of_turn_tokens >= 2
