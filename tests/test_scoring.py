@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from specfuse import scoring
 
@@ -246,3 +248,54 @@ def test_evidence_exit_ignores_noise_that_the_softmax_rule_acts_on() -> None:
     old = scoring.exit_decisions(quality, ["a", "b", "c"], temperature=0.1, ratio=0.5, min_active=1)
     assert old == ["b"]
     assert scoring.evidence_exits(history, ["a", "b", "c"], margin=2.0, patience=1, min_active=1) == []
+
+
+_names = st.sampled_from(["a", "b", "c", "d"])
+_logprob = st.floats(min_value=-30.0, max_value=0.0, allow_nan=False)
+
+
+@given(st.dictionaries(_names, st.dictionaries(_names, _logprob, min_size=1), min_size=1))
+def test_cross_probabilities_never_vote_for_oneself_and_sum_to_at_most_one(
+    scores: dict[str, dict[str, float]],
+) -> None:
+    p = scoring.cross_probabilities(scores)
+    for v, row in p.items():
+        assert v not in row
+        assert all(0.0 <= x <= 1.0 for x in row.values())
+        others = [c for c in scores[v] if c != v]
+        if len(others) >= 2:
+            assert sum(row.values()) == pytest.approx(1.0)
+
+
+@given(
+    st.dictionaries(_names, st.floats(min_value=0.01, max_value=1.0), min_size=1),
+    st.dictionaries(_names, st.floats(min_value=0.0, max_value=1.0)),
+    st.floats(min_value=0.0, max_value=2.0),
+)
+def test_update_weights_sum_to_one_and_spare_the_unrewarded(
+    raw: dict[str, float], reward: dict[str, float], eta: float
+) -> None:
+    weights = scoring.initial_weights(raw)
+    reward = {m: r for m, r in reward.items() if m in weights}
+    out = scoring.update_weights(weights, reward, eta)
+    assert sum(out.values()) == pytest.approx(1.0)
+    for m in weights:
+        if m not in reward:
+            assert out[m] == pytest.approx(weights[m])
+
+
+@given(
+    st.lists(st.dictionaries(_names, st.floats(min_value=0.0, max_value=1.0), min_size=2), max_size=12),
+    st.integers(min_value=1, max_value=4),
+    st.floats(min_value=0.1, max_value=3.0),
+    st.integers(min_value=1, max_value=4),
+)
+@example(history=[{"a": 0.4, "b": 0.4, "c": 0.2}] * 3, min_active=1, margin=0.5, patience=1)
+def test_evidence_exits_keep_min_active_and_only_drop_active_members(
+    history: list[dict[str, float]], min_active: int, margin: float, patience: int
+) -> None:
+    active = ["a", "b", "c", "d"][:3]
+    out = scoring.evidence_exits(history, active, margin=margin, patience=patience, min_active=min_active)
+    assert set(out) <= set(active)
+    assert len(active) - len(out) >= min(min_active, len(active))
+    assert len(out) == len(set(out))
