@@ -108,3 +108,15 @@ def test_blank_prompt_is_a_clear_error_before_any_model_loads() -> None:
         assert "Traceback" not in proc.stderr
         assert "ready" not in proc.stderr  # refused before loading the members
         assert not proc.stdout
+
+
+def test_self_verify_flags_map_to_the_setting() -> None:
+    from specfuse.cli import _fusion_overrides, build_parser
+
+    def overrides(*flags: str) -> dict[str, object]:
+        return _fusion_overrides(build_parser().parse_args(["generate", "hi", *flags]))
+
+    assert overrides("--self-verify")["self_verify"] is True
+    # The old flag still parses; it asks for what is now the default.
+    assert overrides("--no-self-verify")["self_verify"] is False
+    assert "self_verify" not in overrides()
