@@ -136,7 +136,8 @@ def _print_summary(console: Console, result: FusionResult, colours: dict[str, st
     tps = summary["tokens_per_second"] or 0.0
     console.print(
         f"rounds {summary['rounds']} · calls {summary['calls']} · members/round "
-        f"{summary['members_per_round']:.2f} · first segment {ttfs:.2f}s · "
+        f"{summary['members_per_round']:.2f} ({summary['members_per_round_by_tokens']:.2f} by tokens) · "
+        f"first segment {ttfs:.2f}s · "
         f"total {summary['total_time']:.2f}s · {tps:.1f} tokens/s · finish: {result.finish_reason}"
     )
 

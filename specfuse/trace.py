@@ -242,7 +242,8 @@ class FusionTrace:
         ttfs = summary["time_to_first_segment"] or 0.0
         totals = (
             f"{summary['rounds']} rounds · {summary['calls']} calls · "
-            f"{summary['members_per_round']:.2f} members/round · first segment {ttfs:.2f} s · "
+            f"{summary['members_per_round']:.2f} members/round "
+            f"({summary['members_per_round_by_tokens']:.2f} by tokens) · first segment {ttfs:.2f} s · "
             f"total {summary['total_time']:.2f} s · {summary['tokens_per_second'] or 0:.1f} tokens/s · "
             f"finish: {esc(summary['finish_reason'])}"
         )
