@@ -251,8 +251,10 @@ class EnsembleConfig(BaseModel):
                 "so candidates can be ranked"
             )
         min_active = self.fusion.min_active
-        # The default only caps exits; a value the user chose must be reachable.
-        if "min_active" in self.fusion.model_fields_set and min_active > len(drafters):
+        # min_active caps exits, so the default (2) fits any ensemble, also after a
+        # dump/load round trip; a value raised above it must be reachable.
+        default = FusionSettings.model_fields["min_active"].default
+        if min_active > max(len(drafters), default):
             raise ValueError(
                 f"min_active={min_active} exceeds the {len(drafters)} drafting member(s); lower it"
             )

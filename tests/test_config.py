@@ -19,8 +19,11 @@ def test_defaults() -> None:
 
 
 def test_default_min_active_does_not_refuse_a_one_or_two_member_ensemble() -> None:
-    # min_active caps exits; the default of 2 must not make one drafter an error.
-    assert EnsembleConfig.build(["smollm2-135m"]).fusion.min_active == 2
+    # min_active caps exits; the default of 2 must not make one drafter an error,
+    # neither when left out nor when a saved config spells it out.
+    one = EnsembleConfig.build(["smollm2-135m"])
+    assert one.fusion.min_active == 2
+    assert EnsembleConfig.model_validate(one.model_dump()).fusion.min_active == 2
 
 
 def test_no_members() -> None:
@@ -66,7 +69,7 @@ def test_out_of_range_knobs(field: str, value: float) -> None:
 
 def test_min_active_above_drafters() -> None:
     with pytest.raises(ConfigError, match="min_active"):
-        EnsembleConfig.build(["smollm2-135m"], min_active=2)
+        EnsembleConfig.build(["smollm2-135m", "gemma3-270m"], min_active=3)
 
 
 def test_unknown_model_short_name_is_refused_at_construction() -> None:
