@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +85,17 @@ def test_agent_really_calls_the_tool() -> None:
     assert run.tool_calls == [("multiply", {"a": 123, "b": 456})]
     assert run.tool_outputs == ["56088"]
     assert run.answer == "56088"
+
+
+def test_react_agent_calls_the_tool_and_answers_with_its_result() -> None:
+    run = _example("llama_index_react_agent").main()
+    # The Python function itself ran once, on an expression with the question's two numbers.
+    assert len(run.executed) == 1
+    assert [int(n) for n in re.findall(r"\d+", run.executed[0])] == [123, 456]
+    assert run.tool_calls == [("calculate", {"input": run.executed[0]})]
+    assert run.tool_outputs == ["56088"]
+    # No return_direct here: the final response is the model's own Answer after the Observation.
+    assert "56088" in run.answer
 
 
 def test_structured_predict_validates(rag_llm: SpecFuseLLM) -> None:
