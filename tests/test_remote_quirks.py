@@ -46,7 +46,15 @@ class Imitation:
         from specfuse.devserver import ServeOptions, build_app
 
         self.port = free_port()
-        app = build_app(ServeOptions(model=MODEL, protocol=protocol, **options), runner=runner)
+        inner = build_app(ServeOptions(model=MODEL, protocol=protocol, **options), runner=runner)
+        #: "METHOD /path" of every HTTP request the server received, in order.
+        self.requests: list[str] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                self.requests.append(f"{scope['method']} {scope['path']}")
+            await inner(scope, receive, send)
+
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -165,6 +173,75 @@ def test_sglang_context_window_from_get_server_info(servers):
     assert set(info) == {"model_path", "tokenizer_path", "is_generation"}
     sglang = member("sglang", servers["sglang"].url)
     assert run(sglang.info()).context_window == 511  # max_req_input_len of a 512-token server
+
+
+@pytest.mark.parametrize(
+    ("context", "candidates"),
+    [
+        ("Name three primary colours.\nAnswer:", [" Red, blue and yellow.", " Green.", " Cyan, magenta"]),
+        # Boundaries inside characters split across tokens, and a repeated candidate.
+        ("User: hi\nAssistant:", [" 😀 héllo wörld", "👍🏽", " hi", " hi"]),
+    ],
+)
+def test_sglang_scores_all_of_a_verifiers_candidates_in_one_request(servers, context, candidates):
+    """One POST /generate with `text` a list scores every candidate, each exactly as alone."""
+    server = servers["sglang"]
+    sglang = member("sglang", server.url)
+
+    async def main() -> tuple[list[str], list[Any], list[Any]]:
+        # Learn the context's length first (the call that does is charged to the next score).
+        await sglang.score(context, candidates[:1])
+        before = len(server.requests)
+        batch = await sglang.score(context, candidates)
+        sent = server.requests[before:]
+        alone = [(await sglang.score(context, [c]))[0] for c in candidates]
+        await sglang.aclose()
+        return sent, batch, alone
+
+    sent, batch, alone = run(main())
+    assert sent == ["POST /generate"]
+    assert [s.token_logprobs for s in batch] == [a.token_logprobs for a in alone]
+    usages = [s.usage for s in batch]
+    assert all(u is not None and u.path == "logprob_start_len" for u in usages)
+    # The request's usage rides on the first candidate: every prompt's tokens, one request.
+    assert [u.requests for u in usages if u] == [1] + [0] * (len(candidates) - 1)
+    assert usages[0].prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert all(u.prompt_tokens == 0 for u in usages[1:] if u)
+
+
+def test_sglang_imitation_takes_a_batch_as_sglang_does(servers):
+    """A list in `text`, per-prompt lists or one value for the rest; a list answered in order."""
+    url = servers["sglang"].url
+    texts = ["The sky is", "Once upon a time there"]
+    single = [
+        post(
+            url + "/generate",
+            json={
+                "text": t,
+                "sampling_params": {"max_new_tokens": 0},
+                "return_logprob": True,
+                "logprob_start_len": 1,
+            },
+        ).json()
+        for t in texts
+    ]
+    batch = post(
+        url + "/generate",
+        json={
+            "text": texts,
+            "sampling_params": [{"max_new_tokens": 0}, {"max_new_tokens": 0}],
+            "return_logprob": True,
+            "logprob_start_len": [1, 1],
+        },
+    ).json()
+    assert isinstance(batch, list) and len(batch) == 2
+    for one, item in zip(single, batch, strict=True):
+        assert item["meta_info"]["input_token_logprobs"] == one["meta_info"]["input_token_logprobs"]
+        assert item["meta_info"]["prompt_tokens"] == one["meta_info"]["prompt_tokens"]
+    wrong = post(url + "/generate", json={"text": texts, "logprob_start_len": [0, 0, 0]})
+    assert wrong.status_code == 400
+    overlong = post(url + "/generate", json={"text": ["Hi", "hello " * 600]})
+    assert overlong.status_code == 400 and "context length" in overlong.json()["error"]["message"]
 
 
 # -- errors ---------------------------------------------------------------------------

@@ -5,7 +5,9 @@ server reuses its cached prefix and computes log-probs only over the tail:
 the cheapest verification of the three protocols. The context's token count
 is learnt once per context with a `max_new_tokens: 0` call (which also warms
 the prefix cache); a margin of a few tokens before it lets the tail alignment
-see the token that straddles the context boundary.
+see the token that straddles the context boundary. A verifier scores all of
+its candidates in one request (`text` a list of prompts), each exactly as
+it would score alone.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from typing import Any
 
 from specfuse.backends._http import RemoteError
 from specfuse.backends._remote import RemoteBackend, cut_at_stop
-from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling, ServerUsage
+from specfuse.backends.base import (
+    BackendInfo,
+    CandidateScore,
+    Draft,
+    FinishReason,
+    Sampling,
+    ServerUsage,
+    total_usage,
+)
+from specfuse.errors import BackendError
 
 #: Tokens before the context boundary whose log-probs are also requested (boundary merges).
 _MARGIN = 3
@@ -119,18 +130,27 @@ class SGLangBackend(RemoteBackend):
         return n
 
     async def score(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
+        if not candidates:
+            return []
         start = max(0, await self._count_context(context) - _MARGIN)
-        scores = await self.gather_calls([self._score_one(context, c, start) for c in candidates])
+        scores = await self._score_batch(context, candidates, start)
         warm, self._uncharged = self._uncharged, None
-        if warm is not None and scores and scores[0].usage is not None:
+        if warm is not None and scores[0].usage is not None:
             scores[0] = CandidateScore(scores[0].token_logprobs, usage=warm + scores[0].usage)
         return scores
 
-    async def _score_one(self, context: str, candidate: str, start: int) -> CandidateScore:
-        full = context + candidate
+    async def _score_batch(self, context: str, candidates: Sequence[str], start: int) -> list[CandidateScore]:
+        """All of a verifier's candidates in one request.
+
+        SGLang's /generate takes a list of prompts in `text` and answers a list of
+        results in the same order; `logprob_start_len` as one int applies to every
+        prompt (python/sglang/srt/managers/io_struct.py, GenerateReqInput,
+        _normalize_logprob_params). One candidate goes as a plain string.
+        """
+        fulls = [context + c for c in candidates]
         data = await self._generate(
             {
-                "text": full,
+                "text": fulls[0] if len(fulls) == 1 else fulls,
                 "sampling_params": {"max_new_tokens": 0},
                 "return_logprob": True,
                 "logprob_start_len": start,
@@ -138,15 +158,39 @@ class SGLangBackend(RemoteBackend):
             },
             "POST /generate (logprobs)",
         )
-        meta = data.get("meta_info") or {}
-        rows = meta.get("input_token_logprobs") or []
-        picked = await self.pick_covering(
-            full, len(context), [r[2] for r in rows], [r[0] for r in rows], [int(r[1]) for r in rows]
-        )
-        usage = _usage(meta)
-        if usage is not None:
-            usage = ServerUsage(usage.prompt_tokens, usage.cached_tokens, path="logprob_start_len")
-        return CandidateScore(picked.token_logprobs, usage=usage)
+        results = [data] if len(fulls) == 1 and isinstance(data, dict) else data
+        if not isinstance(results, list) or len(results) != len(fulls):
+            got = len(results) if isinstance(results, list) else type(results).__name__
+            raise BackendError(
+                f"the server answered {got} results for {len(fulls)} prompts",
+                member=self.member_name,
+                endpoint=self.endpoint,
+            )
+        picks: list[CandidateScore] = []
+        usages: list[ServerUsage | None] = []
+        for full, result in zip(fulls, results, strict=True):
+            meta = (result.get("meta_info") if isinstance(result, dict) else None) or {}
+            rows = meta.get("input_token_logprobs") or []
+            picks.append(
+                await self.pick_covering(
+                    full, len(context), [r[2] for r in rows], [r[0] for r in rows], [int(r[1]) for r in rows]
+                )
+            )
+            usages.append(_usage(meta))
+        # One request: its usage (every prompt's tokens, summed) rides on the first candidate.
+        total = total_usage(usages)
+        scores = []
+        for i, picked in enumerate(picks):
+            usage = None
+            if total is not None:
+                usage = ServerUsage(
+                    total.prompt_tokens if i == 0 else 0,
+                    (total.cached_tokens if i == 0 else 0) if total.cached_tokens is not None else None,
+                    requests=1 if i == 0 else 0,
+                    path="logprob_start_len",
+                )
+            scores.append(CandidateScore(picked.token_logprobs, usage=usage))
+        return scores
 
     async def count_tokens(self, text: str) -> int:
         return await self._count_context(text)

@@ -742,9 +742,47 @@ def _sglang_routes(
     async def generate(request: Request) -> JSONResponse:
         body = await request.json()
         text = body.get("text")
-        if not isinstance(text, str):
-            return error(400, "text must be a string", "BadRequestError")
-        sp = body.get("sampling_params") or {}
+        if isinstance(text, str):
+            one = await generate_one(
+                text,
+                body.get("sampling_params") or {},
+                bool(body.get("return_logprob")),
+                body.get("logprob_start_len"),
+            )
+            return one if isinstance(one, JSONResponse) else JSONResponse(one)
+        # A batch, as real SGLang takes it: `text` a list of prompts, and each per-request
+        # field either one value for all or a list with one per prompt; the answer is a
+        # list of results in the prompts' order (python/sglang/srt/managers/io_struct.py,
+        # GenerateReqInput._determine_batch_size and _normalize_batch_inputs, which
+        # normalises sampling_params, return_logprob and logprob_start_len per item).
+        if not isinstance(text, list) or not text or not all(isinstance(t, str) for t in text):
+            return error(400, "text must be a string or a non-empty list of strings", "BadRequestError")
+        n = len(text)
+
+        def each(name: str, default: Any) -> list[Any] | None:
+            value = body.get(name)
+            if value is None:
+                return [default] * n
+            if not isinstance(value, list):
+                return [value] * n
+            return value if len(value) == n else None
+
+        params = each("sampling_params", {})
+        flags = each("return_logprob", False)
+        starts = each("logprob_start_len", -1)
+        if params is None or flags is None or starts is None:
+            return error(400, "a per-request list's length differs from the batch size", "BadRequestError")
+        results = []
+        for t, sp, flag, start in zip(text, params, flags, starts, strict=True):
+            one = await generate_one(t, sp or {}, bool(flag), start)
+            if isinstance(one, JSONResponse):
+                return one  # one invalid prompt fails the whole batch
+            results.append(one)
+        return JSONResponse(results)
+
+    async def generate_one(
+        text: str, sp: dict[str, Any], return_logprob: bool, logprob_start_len: Any
+    ) -> dict[str, Any] | JSONResponse:
         # python/sglang/srt/sampling/sampling_params.py, SamplingParams(**sampling_params):
         # an unknown field (`seed` instead of `sampling_seed`) fails the request.
         unknown = sorted(set(sp) - _SGLANG_SAMPLING_FIELDS)
@@ -794,8 +832,8 @@ def _sglang_routes(
             "completion_tokens": len(generation.tokens),
             "cached_tokens": 0,
         }
-        if body.get("return_logprob"):
-            start = int(body.get("logprob_start_len", -1))
+        if return_logprob:
+            start = int(logprob_start_len if logprob_start_len is not None else -1)
             if start < 0:
                 start = len(ids)  # SGLang's default: no prompt log-probs
             lps = await asyncio.to_thread(runner.prompt_logprobs, ids, start) if start < len(ids) else []
@@ -803,7 +841,7 @@ def _sglang_routes(
                 [lp, i, runner.token_text(i)] for i, lp in zip(ids[start:], lps, strict=True)
             ]
             meta["output_token_logprobs"] = [[t.logprob, t.id, t.text] for t in generation.tokens]
-        return JSONResponse({"text": out_text, "meta_info": meta})
+        return {"text": out_text, "meta_info": meta}
 
 
 #: SGLang's API-facing sampling fields (python/sglang/srt/sampling/sampling_params.py).
