@@ -145,7 +145,7 @@ def reference_answer() -> Any:
 
     from specfuse import SpecFuse
     from specfuse.backends.local import LocalBackend
-    from specfuse.engine import Member
+    from specfuse.engine import Member, _marker_tokens
     from specfuse.prompts import ChatFormat, PlainFormat
 
     async def build() -> list[Member]:
@@ -159,6 +159,8 @@ def reference_answer() -> Any:
                 first = tok("a", add_special_tokens=True)["input_ids"][0]
                 bos = tok.bos_token if first == tok.bos_token_id else ""
                 fmt = PlainFormat(bos=bos, eos=tok.eos_token or "")
+            # As SpecFuse._prepare measures it: a finished candidate's marker counts as one unit.
+            marker_tokens = await _marker_tokens(backend, fmt.end_of_turn)
             members.append(
                 Member(
                     name=name,
@@ -167,6 +169,7 @@ def reference_answer() -> Any:
                     roles=frozenset({"draft", "verify"}),
                     weight=1.0,
                     info=info,
+                    end_of_turn_tokens=marker_tokens,
                 )
             )
         return members
