@@ -114,8 +114,20 @@ def _end_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def start_vllm(log_path: Path, *, timeout: float = START_TIMEOUT) -> VLLMServer:
-    """Start vLLM on a free loopback port and wait until /health answers 200."""
+def start_vllm(
+    log_path: Path,
+    *,
+    timeout: float = START_TIMEOUT,
+    max_model_len: int = MAX_MODEL_LEN,
+    api_keys: tuple[str, ...] = KEYS,
+    extra_args: tuple[str, ...] = (),
+    extra_env: dict[str, str] | None = None,
+) -> VLLMServer:
+    """Start vLLM on a free loopback port and wait until /health answers 200.
+
+    extra_args and extra_env let a test module ask for other server features
+    (the token-in route, say) on the same eager, loopback, always-stopped server.
+    """
     from specfuse.models import resolve_model_path
 
     model_dir = resolve_model_path(STORE_NAME)
@@ -128,6 +140,7 @@ def start_vllm(log_path: Path, *, timeout: float = START_TIMEOUT) -> VLLMServer:
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
+        **(extra_env or {}),
     }
     # `python -m` and not the `vllm` command: the command looks up a
     # distribution named "vllm", and this build is distributed as "vllm-cpu".
@@ -143,7 +156,7 @@ def start_vllm(log_path: Path, *, timeout: float = START_TIMEOUT) -> VLLMServer:
         "--dtype",
         "bfloat16",
         "--max-model-len",
-        str(MAX_MODEL_LEN),
+        str(max_model_len),
         # No torch.compile: on this CPU build the compiled graph it caches in
         # ~/.cache/vllm fails to load ("'function' object has no attribute
         # 'finalize_loading'", vllm/compilation/decorators.py,
@@ -154,8 +167,8 @@ def start_vllm(log_path: Path, *, timeout: float = START_TIMEOUT) -> VLLMServer:
         "127.0.0.1",
         "--port",
         str(port),
-        "--api-key",
-        *KEYS,
+        *(["--api-key", *api_keys] if api_keys else []),
+        *extra_args,
     ]
     started = time.monotonic()
     with log_path.open("wb") as log:
