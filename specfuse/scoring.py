@@ -67,6 +67,11 @@ def cross_probabilities(scores: Matrix, tau: float = 1.0) -> dict[str, dict[str,
     * one other candidate: its share of the softmax against v's own candidate
       (with two drafters there is nothing else to compare it with);
     * no other candidate: v abstains (an empty row).
+
+    A candidate that no other verifier scored (its drafter is the only member
+    that verifies, the others only draft) keeps its drafter's vote, its share of
+    that verifier's whole softmax: without it the candidate would get S = 0 and
+    lose every round to a draft-only member's text, whatever the verifier thinks.
     """
     result: dict[str, dict[str, float]] = {}
     for v, row in scores.items():
@@ -78,6 +83,10 @@ def cross_probabilities(scores: Matrix, tau: float = 1.0) -> dict[str, dict[str,
             result[v] = {other: softmax(dict(row), tau)[other]}
         else:
             result[v] = {}
+    cross_voted = {c for row in result.values() for c in row}
+    for v, row in scores.items():
+        if v in row and v not in cross_voted and len(row) >= 2:
+            result[v][v] = softmax(dict(row), tau)[v]
     return result
 
 

@@ -205,6 +205,19 @@ def test_cross_probabilities_with_two_drafters_use_the_own_draft_as_reference() 
     }
 
 
+def test_a_candidate_only_its_drafter_verifies_keeps_that_vote() -> None:
+    # q verifies, d only drafts: q prefers its own text (softmax 0.8176 against 0.1824).
+    # Without q's vote its candidate would score 0 and d's text would win every round.
+    scores = {"q": {"q": -0.5, "d": -2.0}}
+    p = scoring.cross_probabilities(scores)
+    assert p["q"] == pytest.approx({"d": 1 / (1 + math.exp(1.5)), "q": 1 / (1 + math.exp(-1.5))})
+    s = scoring.aggregate(p, {"q": 1.0, "d": 1.0}, ["q", "d"])
+    assert scoring.pick_winner(s, {}, ["d", "q"]) == "q"
+    # ...and when q prefers d's text, d wins.
+    flipped = scoring.cross_probabilities({"q": {"q": -2.0, "d": -0.5}})
+    assert scoring.pick_winner(scoring.aggregate(flipped, {"q": 1.0}, ["q", "d"]), {}, ["q", "d"]) == "d"
+
+
 def test_identical_candidates_pool_their_support() -> None:
     # Every verifier: x -1, y -0.5; x proposed twice splits its softmax mass:
     # e^-1 / (2 e^-1 + e^-0.5) = 0.2741 each against 0.4518 for y.
@@ -259,12 +272,16 @@ def test_cross_probabilities_never_vote_for_oneself_and_sum_to_at_most_one(
     scores: dict[str, dict[str, float]],
 ) -> None:
     p = scoring.cross_probabilities(scores)
+    cross_voted = {c for v, row in p.items() for c in row if c != v}
     for v, row in p.items():
-        assert v not in row
+        if v in row:
+            # a self-vote only for a candidate nobody else scored, from a verifier that compared it
+            assert v not in cross_voted and len(scores[v]) >= 2
+            assert row[v] == pytest.approx(scoring.softmax(scores[v])[v])
         assert all(0.0 <= x <= 1.0 for x in row.values())
         others = [c for c in scores[v] if c != v]
         if len(others) >= 2:
-            assert sum(row.values()) == pytest.approx(1.0)
+            assert sum(x for c, x in row.items() if c != v) == pytest.approx(1.0)
 
 
 @given(
