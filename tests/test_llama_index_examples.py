@@ -102,7 +102,9 @@ def test_structured_predict_validates(rag_llm: SpecFuseLLM) -> None:
     example = _example("llama_index_structured")
     city = example.main(rag_llm)
     assert isinstance(city, example.City)
-    assert city.name.lower() == "lisbon" and city.country.lower() == "portugal"
+    # The fused answer may use the city's English or Portuguese name (both are right;
+    # without self-votes the pair writes "Lisboa").
+    assert city.name.lower() in {"lisbon", "lisboa"} and city.country.lower() == "portugal"
 
 
 def test_schema_echoed_arguments_are_unwrapped_but_real_ones_kept() -> None:
