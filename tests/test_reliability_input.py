@@ -47,13 +47,14 @@ def test_bad_messages_fail_before_any_call(
     assert sum(p.count() for p in clean) == 0  # no generation or scoring call was made
 
 
-def test_text_parts_and_an_empty_prompt_are_answered(
+def test_text_parts_are_joined_and_an_empty_prompt_is_refused(
     fuse: SpecFuse, clean: tuple[FaultProxy, FaultProxy]
 ) -> None:
-    """Documented: text content parts are joined; an empty user turn is a valid (if odd) prompt."""
+    """Text content parts are joined; an empty user turn is a clear error (it used to get a greeting)."""
     parts = [{"role": "user", "content": [{"type": "text", "text": "Name three "}, "primary colours."]}]
     assert run(fuse.agenerate(parts, **SHORT), 60).text
-    assert run(fuse.agenerate("", **SHORT), 60).finish_reason in ("length", "stop")
+    with pytest.raises(ConfigError, match="empty"):
+        run(fuse.agenerate("", **SHORT), 60)
 
 
 @pytest.mark.parametrize(
