@@ -75,6 +75,9 @@ def vllm_scale_out(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
         ),
         # On a busy CPU one engine step can outlast the default 300 s, which kills the engine.
         extra_env={"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"},
+        # Compiled, as the tolerances and counter checks below were measured: started
+        # eagerly, token-in and echo means differed by up to 0.099 (bound 0.08).
+        enforce_eager=False,
     )
     try:
         yield Server(started.url)

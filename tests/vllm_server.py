@@ -122,6 +122,7 @@ def start_vllm(
     api_keys: tuple[str, ...] = KEYS,
     extra_args: tuple[str, ...] = (),
     extra_env: dict[str, str] | None = None,
+    enforce_eager: bool = True,
 ) -> VLLMServer:
     """Start vLLM on a free loopback port and wait until /health answers 200.
 
@@ -162,7 +163,7 @@ def start_vllm(
         # 'finalize_loading'", vllm/compilation/decorators.py,
         # _try_load_aot_compiled_fn), so every start compiled again for 5-15
         # minutes. Eager runs the same bf16 operations.
-        "--enforce-eager",
+        *(["--enforce-eager"] if enforce_eager else []),
         "--host",
         "127.0.0.1",
         "--port",
