@@ -29,7 +29,8 @@ import pytest
 
 from specfuse import EnsembleConfig, MemberConfig, SpecFuse
 from specfuse.backends.base import CandidateScore
-from specfuse.backends.openai_compat import VLLMBackend
+from specfuse.backends.openai_compat import TOKENS_ROUTE, VLLMBackend
+from specfuse.errors import RemoteError
 from tests.vllm_server import ENABLE_VAR, STORE_NAME, ensure_vllm_installed, start_vllm
 
 #: The URL of a vLLM already running with the flags `vllm_scale_out` uses (the fixture then starts none).
@@ -212,6 +213,12 @@ def test_a_cached_position_is_never_read_as_a_log_prob(vllm_scale_out: Server) -
         full = await tokens._token_ids(context + candidate)
         body = tokens._tokens_body(STORE_NAME, full)
         raw, _ = await tokens.call("raw", lambda url: tokens._post_tokens(url, body))
+        if raw is None:
+            # Every try held a NaN or an infinity at a cached position, so vLLM could
+            # not even encode the answer (CI run of 2026-12-01): not log-probs either.
+            await tokens.aclose()
+            await echo.aclose()
+            return
         cached = raw["usage"]["prompt_tokens_details"]["cached_tokens"]
         echoed = httpx.post(
             vllm_scale_out.url + "/v1/completions",
@@ -225,6 +232,45 @@ def test_a_cached_position_is_never_read_as_a_log_prob(vllm_scale_out: Server) -
             i for i, g in zip(positions, got, strict=True) if g is None or abs(g["logprob"] - echoed[i]) > 1.0
         ]
         assert len(wrong) > len(positions) // 2
+        await tokens.aclose()
+        await echo.aclose()
+
+    asyncio.run(main())
+
+
+def test_an_answer_vllm_cannot_encode_on_every_try_is_scored_by_echo(
+    vllm_scale_out: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When every try of the token-in route hits vLLM's unencodable-NaN 400, the
+    candidate is scored by echo (the CI run of 2026-12-01 met three in a row)."""
+
+    async def main() -> None:
+        tokens, echo = (
+            VLLMBackend(member(vllm_scale_out, "tokens")),
+            VLLMBackend(member(vllm_scale_out, "echo")),
+        )
+        await tokens.info()
+        await echo.info()
+        real_post = tokens._post
+        token_tries = 0
+
+        async def post(url: str, route: str, body: dict) -> dict:  # type: ignore[type-arg]
+            nonlocal token_tries
+            if route == TOKENS_ROUTE:
+                token_tries += 1
+                # The message vLLM's JSON encoder gives (what the CI run received).
+                raise RemoteError("HTTP 400: Out of range float values are not JSON compliant", status=400)
+            return await real_post(url, route, body)
+
+        monkeypatch.setattr(tokens, "_post", post)
+        context = context_of(200, 7)
+        candidate = " The mill stood by the river."
+        got = (await tokens.score(context, [candidate]))[0]
+        want = (await echo.score(context, [candidate]))[0]
+        assert_close(got, want)
+        assert token_tries == 3
+        assert got.usage is not None and got.usage.path == "echo+tokens"
+        assert got.usage.requests == 3 + 1  # three unreadable token-in tries, one echo
         await tokens.aclose()
         await echo.aclose()
 

@@ -310,7 +310,7 @@ class VLLMBackend(RemoteBackend):
         async def twice(url: str) -> Any:
             # Both on one replica: the second must find the first in that server's cache.
             await self._post_tokens(url, body)
-            return (await self._post_tokens(url, body))[0]
+            return (await self._post_tokens(url, body))[0] or {}
 
         try:
             second = await self.call(f"probe POST {TOKENS_ROUTE}", twice)
@@ -331,22 +331,23 @@ class VLLMBackend(RemoteBackend):
             return "echo", "the server's prefix cache is off: token ids in would cost as much as echo"
         return "tokens", f"token ids in, prefix cache read ({cached} of {len(ids)} probe tokens cached)"
 
-    async def _post_tokens(self, url: str, body: dict[str, Any]) -> tuple[Any, int]:
+    async def _post_tokens(self, url: str, body: dict[str, Any]) -> tuple[dict[str, Any] | None, int]:
         """One request to the token-in route, and how many earlier tries of it failed.
 
         The prompt log-probs of cached positions are uninitialised memory (see
         `valid_from`); when that memory happens to hold a NaN or an infinity,
         vLLM cannot encode its JSON answer and returns HTTP 400 "Out of range
         float values are not JSON compliant" after computing it. Another try
-        reads other memory.
+        reads other memory; when every try fails so, the answer is None and the
+        caller scores by echo, which reads no cached position.
         """
         for attempt in range(_UNENCODABLE_TRIES):
             try:
                 return await self._post(url, TOKENS_ROUTE, body), attempt
             except RemoteError as exc:
-                if exc.status != 400 or "JSON compliant" not in str(exc) or attempt == _UNENCODABLE_TRIES - 1:
+                if exc.status != 400 or "JSON compliant" not in str(exc):
                     raise
-        raise AssertionError("unreachable: the last try returns or raises")
+        return None, _UNENCODABLE_TRIES
 
     def _tokens_body(self, model_id: str, ids: list[int]) -> dict[str, Any]:
         # The GenerateRequest of vllm/entrypoints/scale_out/token_in_token_out/protocol.py.
@@ -529,17 +530,17 @@ class VLLMBackend(RemoteBackend):
         data, failed = await self.call(
             f"POST {TOKENS_ROUTE} (prompt log-probs)", lambda url: self._post_tokens(url, body)
         )
-        cached = reported_cached_tokens(data)
+        cached = None if data is None else reported_cached_tokens(data)
         # A failed try was computed too, but its answer (and cached count) was lost:
         # it is counted with the cached count of the try that succeeded.
-        tries = failed + 1
+        tries = failed + (data is not None)
         usage = ServerUsage(
             prompt_tokens=len(full_ids) * tries,
             cached_tokens=None if cached is None else cached * tries,
             requests=tries,
             path="tokens",
         )
-        if cached is None or valid_from(cached) > start:
+        if data is None or cached is None or valid_from(cached) > start:
             fallback = (await self._score_echo(context, [candidate]))[0]
             assert fallback.usage is not None
             return CandidateScore(fallback.token_logprobs, usage=usage + fallback.usage)
