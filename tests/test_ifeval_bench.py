@@ -120,6 +120,19 @@ def test_harness_runs_resumes_from_cache_and_writes_reports(
     assert second.table == first.table
     assert second.table_path.exists()
 
+    # The fuse rows record each round's candidates and scores: replaying the
+    # paper's rule on them picks the winner the engine picked.
+    from benchmarks.ifeval.verify_replay import RULES, replay, winner
+
+    (fuse_file,) = (tmp_path / "cache").glob("fuse-*.jsonl")
+    rows = [json.loads(line) for line in fuse_file.read_text().splitlines()]
+    verified = [r for row in rows for r in row["round_log"] if len(r["candidates"]) >= 2]
+    assert verified
+    for r in verified:
+        order = [m for m in PAIR if m in r["candidates"]]
+        assert winner(RULES[0], r["s"], r["candidates"], order) == r["winner"]
+    assert replay(rows, PAIR).rounds == len(verified)
+
 
 def test_exit_knobs_change_only_the_exit_modes_cache_keys() -> None:
     """Choosing exit knobs must not invalidate the cached solo/whole/fuse answers,
@@ -221,3 +234,24 @@ def test_exit_replay_runs_the_evidence_rule_like_the_engine() -> None:
         for w, s in [("a", {"a": 0.5, "b": 0.3, "c": 0.2}), ("c", {"a": 0.2, "b": 0.3, "c": 0.5})] * 3
     ]
     assert replay(noisy, rule, members, solo_segment=32, segment=10).exit_round is None
+
+
+def test_verification_replay_sees_pooling_and_self_votes_change_a_winner() -> None:
+    from benchmarks.ifeval.verify_replay import RULES, replay, winner
+
+    # a and b each rank their own draft first; c agrees with b's text, which b and
+    # c both drafted: counted alone b's support is split, pooled it wins.
+    scores = {
+        "a": {"a": -0.1, "b": -1.2, "c": -1.2},
+        "b": {"a": -2.5, "b": -0.4, "c": -0.4},
+        "c": {"a": -0.3, "b": -0.9, "c": -0.9},
+    }
+    candidates = {"a": ["x", False], "b": ["y", False], "c": ["y", False]}
+    order = ["a", "b", "c"]
+    picked = {rule: winner(rule, scores, candidates, order) for rule in RULES}
+    assert picked[RULES[0]] == "a"  # the paper's rule: a's split rivals lose
+    assert picked[RULES[1]] == "b"  # pooled, the shared text wins
+    result = replay([{"round_log": [{"candidates": candidates, "s": scores, "winner": "a"}]}], order)
+    assert result.rounds == 1
+    assert result.changed[RULES[1]] == 1
+    assert result.own_first == {"a": [1, 1], "b": [0, 1], "c": [0, 1]}

@@ -99,6 +99,10 @@ class Bench:
                     "S": {m: round(v, 4) for m, v in r.aggregated.items()},
                     "calls": len(r.calls),
                     "exits": r.exits,
+                    # The candidates and every verifier's score of each, so other
+                    # verification rules can be replayed on the same round offline.
+                    "candidates": {c.member: [c.text, c.finished] for c in r.candidates},
+                    "s": {v: {m: round(x, 4) for m, x in row.items()} for v, row in r.scores.items()},
                 }
                 for r in result.trace.rounds
             ],

@@ -1,0 +1,161 @@
+"""Replay verification rules offline on the rounds of cached fusion answers.
+
+Why this exists: the verification rule (self-votes counted or not, identical
+candidates pooled or not) decides each round's winner from the same drafts and
+the same per-verifier scores. The ``fuse`` rows record both (``candidates`` and
+``s`` of each round), so every rule can be applied to the very rounds the paper's
+rule saw, at no model cost. What it measures is how often a rule picks another
+winner, and how strongly each verifier prefers its own draft; not what the
+changed winner would have done to the rest of the answer (a real run of
+``--modes default`` measures that).
+
+    .venv/bin/python -m benchmarks.ifeval.verify_replay --start 100 --limit 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.ifeval.run import (
+    DEFAULT_CACHE,
+    DEFAULT_DATA,
+    DEFAULT_MEMBERS,
+    BenchSettings,
+    Cache,
+    Mode,
+    load_prompts,
+)
+from specfuse import scoring
+
+
+@dataclass(frozen=True)
+class VerificationRule:
+    self_votes: bool
+    pool: bool
+
+    def label(self) -> str:
+        votes = "self-votes" if self.self_votes else "no self-votes"
+        return f"{votes}, {'pooled' if self.pool else 'not pooled'}"
+
+
+#: The paper's rule first: the others are compared with it.
+RULES = (
+    VerificationRule(self_votes=True, pool=False),
+    VerificationRule(self_votes=True, pool=True),
+    VerificationRule(self_votes=False, pool=False),
+    VerificationRule(self_votes=False, pool=True),
+)
+
+
+def winner(
+    rule: VerificationRule,
+    scores: Mapping[str, Mapping[str, float]],
+    candidates: Mapping[str, Sequence[Any]],
+    order: Sequence[str],
+) -> str:
+    """The engine's `_rank` with equal weights (lam = 0), under ``rule``."""
+    matrix = {v: dict(row) for v, row in scores.items()}
+    p = scoring.normalise_per_verifier(matrix) if rule.self_votes else scoring.cross_probabilities(matrix)
+    weights = {m: 1.0 for m in order}
+    support = scoring.aggregate(p, weights, list(candidates))
+    if rule.pool:
+        groups = {m: f"{int(bool(c[1]))}{c[0]}" for m, c in candidates.items()}
+        support = scoring.pool_identical(support, groups)
+    return scoring.pick_winner(support, weights, order)
+
+
+@dataclass
+class Replay:
+    rounds: int = 0
+    changed: dict[VerificationRule, int] = field(default_factory=dict)
+    #: verifier -> [rounds where it ranked its own draft first, rounds it could]
+    own_first: dict[str, list[int]] = field(default_factory=dict)
+    #: verifier -> sum over rounds of (own draft's s - mean s of the others), and count
+    own_margin: dict[str, list[float]] = field(default_factory=dict)
+    candidates_per_round: float = 0.0
+
+
+def replay(rows: Iterable[Mapping[str, Any]], members: Sequence[str]) -> Replay:
+    """Every verified round (two or more candidates, scores recorded) of ``rows``."""
+    result = Replay(changed={rule: 0 for rule in RULES})
+    candidate_count = 0
+    for row in rows:
+        for rnd in row.get("round_log", []):
+            candidates = rnd.get("candidates") or {}
+            scores = rnd.get("s") or {}
+            if len(candidates) < 2 or not scores:
+                continue
+            order = [m for m in members if m in candidates]
+            result.rounds += 1
+            candidate_count += len(candidates)
+            paper = winner(RULES[0], scores, candidates, order)
+            for rule in RULES[1:]:
+                if winner(rule, scores, candidates, order) != paper:
+                    result.changed[rule] += 1
+            for v, row_s in scores.items():
+                if v not in row_s or len(row_s) < 2:
+                    continue
+                others = [s for c, s in row_s.items() if c != v]
+                counts = result.own_first.setdefault(v, [0, 0])
+                counts[0] += int(row_s[v] > max(others))
+                counts[1] += 1
+                margin = result.own_margin.setdefault(v, [0.0, 0])
+                margin[0] += row_s[v] - sum(others) / len(others)
+                margin[1] += 1
+    result.candidates_per_round = candidate_count / result.rounds if result.rounds else 0.0
+    return result
+
+
+def render(result: Replay) -> str:
+    lines = [
+        f"{result.rounds} verified rounds, {result.candidates_per_round:.2f} candidates per round",
+        "",
+        "| rule | rounds whose winner differs from the paper's rule |",
+        "|---|---|",
+    ]
+    for rule in RULES[1:]:
+        n = result.changed[rule]
+        share = n / result.rounds if result.rounds else 0.0
+        lines.append(f"| {rule.label()} | {n} ({share:.0%}) |")
+    lines += [
+        "",
+        "| verifier | own draft ranked first | chance | own draft's mean log-prob minus the others' (nats) |",
+        "|---|---|---|---|",
+    ]
+    for v, (first, n) in sorted(result.own_first.items()):
+        total, count = result.own_margin[v]
+        chance = 1 / result.candidates_per_round if result.candidates_per_round else 0.0
+        lines.append(f"| {v} | {first}/{n} ({first / n:.0%}) | {chance:.0%} | {total / count:+.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--members", nargs="+", default=list(DEFAULT_MEMBERS))
+    parser.add_argument("--mode", default="fuse", help="the fusion mode whose rounds are replayed")
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None)
+    args = parser.parse_args(argv)
+    prompts = load_prompts(args.data, args.limit, start=args.start)
+    cache = Cache(args.cache, BenchSettings())
+    mode = Mode(args.mode, "fusion", tuple(args.members))
+    rows = [row for p in prompts if (row := cache.get(mode, p)) is not None]
+    if not rows:
+        print(f"no cached {args.mode!r} answers for these prompts", file=sys.stderr)
+        return 1
+    print(f"{len(rows)} cached {args.mode!r} answers")
+    print(render(replay(rows, args.members)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
