@@ -12,7 +12,7 @@ import re
 import threading
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from specfuse.backends._http import (
     LoopClients,
@@ -205,12 +205,12 @@ class RemoteBackend(Backend):
         local = await asyncio.to_thread(self.render_locally, messages, tools, add_generation_prompt)
         if local is not None:
             return local
-        rendered = await self.server_chat_template(messages, tools)
+        rendered = await self.server_chat_template(messages, tools, add_generation_prompt)
         if rendered is None:
             self.warn_no_template()
-        if rendered is None or add_generation_prompt:
+        if rendered is None or add_generation_prompt or self.server_template_omits_generation_prompt:
             return rendered
-        # Servers always add the generation prompt. Without one, only what ends the
+        # This server always adds the generation prompt. Without one, only what ends the
         # last turn matters (prompts.ChatFormat looks for it): keep its first marker.
         last = str(messages[-1].get("content", "")) if messages else ""
         head, found, after = rendered.rpartition(last) if last else ("", "", rendered)
@@ -236,8 +236,15 @@ class RemoteBackend(Backend):
                 stacklevel=2,
             )
 
+    #: Whether `server_chat_template` honours add_generation_prompt=False; when it
+    #: does not, `render_chat` cuts the generation prompt off the server's text.
+    server_template_omits_generation_prompt: ClassVar[bool] = False
+
     async def server_chat_template(
-        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None,
+        add_generation_prompt: bool,
     ) -> str | None:
         """The server's own rendering of a chat, when its protocol offers one."""
         return None

@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from specfuse.backends._http import ContextWindowErrorRemote, RemoteError, RetryableError
 from specfuse.backends._remote import RemoteBackend, cut_at_stop
@@ -579,22 +579,10 @@ class VLLMBackend(RemoteBackend):
             )
             return int(data["usage"]["prompt_tokens"])
 
-    async def render_chat(
-        self,
-        messages: Sequence[dict[str, Any]],
-        tools: Sequence[dict[str, Any]] | None = None,
-        *,
-        add_generation_prompt: bool = True,
-    ) -> str | None:
-        local = await asyncio.to_thread(self.render_locally, messages, tools, add_generation_prompt)
-        if local is not None:
-            return local
-        rendered = await self._server_render(messages, tools, add_generation_prompt)
-        if rendered is None:
-            self.warn_no_template()
-        return rendered
+    #: vLLM's /tokenize takes add_generation_prompt with the messages.
+    server_template_omits_generation_prompt: ClassVar[bool] = True
 
-    async def _server_render(
+    async def server_chat_template(
         self,
         messages: Sequence[dict[str, Any]],
         tools: Sequence[dict[str, Any]] | None,

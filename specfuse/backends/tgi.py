@@ -173,8 +173,14 @@ class TGIBackend(RemoteBackend):
         return len(data)
 
     async def server_chat_template(
-        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None,
+        add_generation_prompt: bool,
     ) -> str | None:
+        # /chat_tokenize always adds the generation prompt (`ChatTemplate::apply` in
+        # router/src/infer/chat_template.rs renders with add_generation_prompt: true):
+        # render_chat cuts it off when it is not wanted.
         payload: dict[str, Any] = {"model": "tgi", "messages": list(messages)}
         if tools:
             payload["tools"] = list(tools)
