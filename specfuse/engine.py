@@ -56,6 +56,7 @@ from specfuse.prompts import (
     PlainFormat,
     PromptFormat,
     check_messages,
+    end_of_turn_tokens,
     message_text,
 )
 from specfuse.trace import CallRecord, CandidateRecord, FusionTrace, RoundRecord
@@ -252,7 +253,7 @@ class SpecFuse:
         if fmt is None:
             extra = info.extra
             fmt = PlainFormat(bos=extra.get("bos_text", ""), eos=extra.get("eos_text", ""))
-        marker_tokens = await _marker_tokens(backend, fmt.end_of_turn)
+        marker_tokens = await end_of_turn_tokens(backend, fmt)
         if on_ready is not None:
             on_ready(config.display_name, time.perf_counter() - started)
         return Member(
@@ -1010,17 +1011,6 @@ def _cost_fields(usage: ServerUsage | None) -> dict[str, Any]:
         "requests": usage.requests,
         "scoring_path": usage.path,
     }
-
-
-async def _marker_tokens(backend: Backend, marker: str) -> int:
-    """Tokens the end-of-turn marker takes after some text, in the member's tokenizer.
-
-    Measured as a difference so that a BOS token a tokenizer adds cancels out.
-    """
-    if not marker:
-        return 0
-    base = "Hi"
-    return max(1, await backend.count_tokens(base + marker) - await backend.count_tokens(base))
 
 
 def _all_stops(caller_stops: Sequence[str], members: Sequence[Member]) -> tuple[str, ...]:

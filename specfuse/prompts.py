@@ -227,3 +227,16 @@ def tools_instruction(tools: Sequence[dict[str, Any]]) -> str:
         "To call a tool, answer only with a JSON object "
         '{"name": <tool name>, "arguments": <object of arguments>} inside <tool_call></tool_call> tags.'
     )
+
+
+async def end_of_turn_tokens(backend: Backend, fmt: PromptFormat) -> int:
+    """Tokens the format's end-of-turn marker takes after some text, in the member's tokenizer.
+
+    A finished candidate is scored with this marker appended, and the marker
+    counts as one unit (`scoring.candidate_score`). Measured as a difference
+    so that a BOS token a tokenizer adds cancels out.
+    """
+    if not fmt.end_of_turn:
+        return 0
+    base = "Hi"
+    return max(1, await backend.count_tokens(base + fmt.end_of_turn) - await backend.count_tokens(base))

@@ -145,8 +145,8 @@ def reference_answer() -> Any:
 
     from specfuse import SpecFuse
     from specfuse.backends.local import LocalBackend
-    from specfuse.engine import Member, _marker_tokens
-    from specfuse.prompts import ChatFormat, PlainFormat
+    from specfuse.engine import Member
+    from specfuse.prompts import ChatFormat, PlainFormat, end_of_turn_tokens
 
     async def build() -> list[Member]:
         members = []
@@ -160,7 +160,7 @@ def reference_answer() -> Any:
                 bos = tok.bos_token if first == tok.bos_token_id else ""
                 fmt = PlainFormat(bos=bos, eos=tok.eos_token or "")
             # As SpecFuse._prepare measures it: a finished candidate's marker counts as one unit.
-            marker_tokens = await _marker_tokens(backend, fmt.end_of_turn)
+            marker_tokens = await end_of_turn_tokens(backend, fmt)
             members.append(
                 Member(
                     name=name,
