@@ -97,6 +97,14 @@ def context_of(words: int, seed: int) -> str:
     return " ".join(rnd.choice(WORDS) for _ in range(words)) + "\nQuestion: what happened next?\nAnswer:"
 
 
+async def token_and_echo_backends(server: Server) -> tuple[VLLMBackend, VLLMBackend]:
+    """The same model scored through the token-in route and through echo, both probed."""
+    tokens, echo = VLLMBackend(member(server, "tokens")), VLLMBackend(member(server, "echo"))
+    await tokens.info()
+    await echo.info()
+    return tokens, echo
+
+
 def block_size(server: Server) -> int:
     metrics = httpx.get(server.url + "/metrics", timeout=30).text
     found = re.search(r'vllm:cache_config_info\{[^}]*\bblock_size="(\d+)"', metrics)
@@ -143,12 +151,7 @@ def test_probe_picks_the_token_route_and_says_why(vllm_scale_out: Server) -> Non
 
 def test_token_route_scores_equal_the_echo_path_and_read_the_cache(vllm_scale_out: Server) -> None:
     async def main() -> None:
-        tokens, echo = (
-            VLLMBackend(member(vllm_scale_out, "tokens")),
-            VLLMBackend(member(vllm_scale_out, "echo")),
-        )
-        await tokens.info()
-        await echo.info()
+        tokens, echo = await token_and_echo_backends(vllm_scale_out)
         for seed, words in ((1, 600), (2, 1400)):
             context = context_of(words, seed)
             batched = await echo.score(context, CANDIDATES)
@@ -181,12 +184,7 @@ def test_a_cached_position_is_never_read_as_a_log_prob(vllm_scale_out: Server) -
     block = block_size(vllm_scale_out)
 
     async def main() -> None:
-        tokens, echo = (
-            VLLMBackend(member(vllm_scale_out, "tokens")),
-            VLLMBackend(member(vllm_scale_out, "echo")),
-        )
-        await tokens.info()
-        await echo.info()
+        tokens, echo = await token_and_echo_backends(vllm_scale_out)
         # A context no earlier run left in this server's cache.
         ids = await tokens._token_ids(context_of(3 * block, time.time_ns()))
         cut = ids[: 3 * block - 2]
@@ -245,12 +243,7 @@ def test_an_answer_vllm_cannot_encode_on_every_try_is_scored_by_echo(
     candidate is scored by echo (the CI run of 2026-12-01 met three in a row)."""
 
     async def main() -> None:
-        tokens, echo = (
-            VLLMBackend(member(vllm_scale_out, "tokens")),
-            VLLMBackend(member(vllm_scale_out, "echo")),
-        )
-        await tokens.info()
-        await echo.info()
+        tokens, echo = await token_and_echo_backends(vllm_scale_out)
         real_post = tokens._post
         token_tries = 0
 
