@@ -255,3 +255,14 @@ def test_verification_replay_sees_pooling_and_self_votes_change_a_winner() -> No
     assert result.rounds == 1
     assert result.changed[RULES[1]] == 1
     assert result.own_first == {"a": [1, 1], "b": [0, 1], "c": [0, 1]}
+
+
+def test_verification_replay_leaves_out_rounds_without_the_verifiers_own_scores() -> None:
+    from benchmarks.ifeval.verify_replay import replay
+
+    # Verified without self-votes: a never scored its own draft, so no rule can be replayed.
+    scores = {"a": {"b": -1.0, "c": -2.0}, "b": {"a": -1.0, "b": -0.5, "c": -2.0}}
+    candidates = {"a": ["x", False], "b": ["y", False], "c": ["z", False]}
+    rows = [{"round_log": [{"candidates": candidates, "s": scores, "winner": "b"}]}]
+    result = replay(rows, ["a", "b", "c"])
+    assert (result.rounds, result.skipped) == (0, 1)

@@ -72,6 +72,8 @@ def winner(
 @dataclass
 class Replay:
     rounds: int = 0
+    #: verified rounds left out: some verifier had not scored its own draft
+    skipped: int = 0
     changed: dict[VerificationRule, int] = field(default_factory=dict)
     #: verifier -> [rounds where it ranked its own draft first, rounds it could]
     own_first: dict[str, list[int]] = field(default_factory=dict)
@@ -88,7 +90,11 @@ def replay(rows: Iterable[Mapping[str, Any]], members: Sequence[str]) -> Replay:
         for rnd in row.get("round_log", []):
             candidates = rnd.get("candidates") or {}
             scores = rnd.get("s") or {}
-            if len(candidates) < 2 or not scores:
+            # Only rounds where every verifier also scored its own draft (the paper's
+            # verification, as in `fuse`) can be replayed under every rule.
+            complete = all(v not in candidates or v in row_s for v, row_s in scores.items())
+            if len(candidates) < 2 or not scores or not complete:
+                result.skipped += len(candidates) >= 2
                 continue
             order = [m for m in members if m in candidates]
             result.rounds += 1
@@ -112,8 +118,11 @@ def replay(rows: Iterable[Mapping[str, Any]], members: Sequence[str]) -> Replay:
 
 
 def render(result: Replay) -> str:
+    left_out = ""
+    if result.skipped:
+        left_out = f" ({result.skipped} left out: a verifier had not scored its own draft)"
     lines = [
-        f"{result.rounds} verified rounds, {result.candidates_per_round:.2f} candidates per round",
+        f"{result.rounds} verified rounds, {result.candidates_per_round:.2f} candidates per round{left_out}",
         "",
         "| rule | rounds whose winner differs from the paper's rule |",
         "|---|---|",
