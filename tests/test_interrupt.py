@@ -23,6 +23,16 @@ ROOT = Path(__file__).resolve().parent.parent
 HANG_LIMIT = 120.0
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """Let the child see SIGINT whatever started the suite.
+
+    A runner started in the background (`cmd &` in a script, nohup) ignores SIGINT,
+    children inherit that, and Python then installs no KeyboardInterrupt handler:
+    Ctrl-C would never reach the code under test.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Child:
     """A subprocess whose stdout and stderr are collected as they arrive."""
 
@@ -35,7 +45,14 @@ class Child:
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         }
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=ROOT,
+            preexec_fn=_ctrl_c_as_at_a_terminal,
+        )
         self.out = bytearray()
         self.err = bytearray()
         self._readers = [
