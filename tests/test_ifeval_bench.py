@@ -92,6 +92,10 @@ def test_harness_runs_resumes_from_cache_and_writes_reports(
     assert all(r.calls >= 1 for r in first.reports)
     whole = next(r for r in first.reports if r.mode == "whole")
     assert sum(whole.extra["picked"].values()) == 2
+    # Both members verified every round of both plain-fusion answers, each scoring both candidates.
+    fuse = next(r for r in first.reports if r.mode == "fuse")
+    assert fuse.extra["fewest_verifiers"] == {"2": 2}
+    assert fuse.extra["scorings_per_round"] == 4.0
     # one cache file per mode, one row per prompt, keyed by the prompt key
     files = sorted((tmp_path / "cache").glob("*.jsonl"))
     assert len(files) == n_modes

@@ -55,6 +55,15 @@ def build_reports(modes: Sequence[Mode], prompts: Sequence[Prompt], cache: Cache
             extra["sequential_time"] = _mean(s["sequential_time"] for s in summaries)
         if mode.kind == "fusion" and n:
             extra["exits"] = _count(m for _, r, _ in scored for m in r.get("exits", {}))
+            # Rows that record each round's verifiers (`s`): how many verified the
+            # answer's least-verified round, and the (verifier, candidate) scorings per round.
+            logs = [r["round_log"] for _, r, _ in scored if all("s" in x for x in r.get("round_log", []))]
+            if logs:
+                extra["fewest_verifiers"] = _count(
+                    str(min((len(x["s"]) for x in log), default=0)) for log in logs
+                )
+                rounds = [x for log in logs for x in log]
+                extra["scorings_per_round"] = _mean(sum(len(row) for row in x["s"].values()) for x in rounds)
         reports.append(
             ModeReport(
                 mode=mode.name,
@@ -191,6 +200,12 @@ def markdown(reports: Sequence[ModeReport], settings: BenchSettings, members: Se
     for r in reports:
         if r.extra.get("exits"):
             notes.append(f"- {r.mode}: exited members (prompts) {r.extra['exits']}")
+        if r.extra.get("fewest_verifiers"):
+            notes.append(
+                f"- {r.mode}: answers by the verifiers of their least-verified round "
+                f"{dict(sorted(r.extra['fewest_verifiers'].items()))}; "
+                f"{r.extra['scorings_per_round']:.2f} scorings (verifier x candidate) per round"
+            )
         if r.errors:
             notes.append(f"- {r.mode}: {r.errors} answers failed (scored as empty)")
     return "\n".join([*lines, "", *notes, ""])
