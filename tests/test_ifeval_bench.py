@@ -136,6 +136,13 @@ def test_harness_runs_resumes_from_cache_and_writes_reports(
         order = [m for m in PAIR if m in r["candidates"]]
         assert winner(RULES[0], r["s"], r["candidates"], order) == r["winner"]
     assert replay(rows, PAIR).rounds == len(verified)
+    # ...and the whole-answer replay picks what the re-ranker picked.
+    from benchmarks.ifeval.verify_replay import whole_pick
+
+    (whole_file,) = (tmp_path / "cache").glob("whole-*.jsonl")
+    for line in whole_file.read_text().splitlines():
+        row = json.loads(line)
+        assert whole_pick(row["probabilities"], list(PAIR)) == row["picked"]
 
 
 def test_exit_knobs_change_only_the_exit_modes_cache_keys() -> None:
@@ -270,3 +277,22 @@ def test_verification_replay_leaves_out_rounds_without_the_verifiers_own_scores(
     rows = [{"round_log": [{"candidates": candidates, "s": scores, "winner": "b"}]}]
     result = replay(rows, ["a", "b", "c"])
     assert (result.rounds, result.skipped) == (0, 1)
+
+
+def test_whole_answer_replay_scores_each_rule_s_pick_against_the_ceiling() -> None:
+    from benchmarks.ifeval.verify_replay import whole_rules
+
+    members = ["a", "b", "c"]
+    # a and b each prefer their own answer, c prefers b's; only b's answer passes.
+    # a's strong self-vote makes a the pick; without self-votes b wins.
+    probabilities = {
+        "a": {"a": 0.8, "b": 0.15, "c": 0.05},
+        "b": {"a": 0.3, "b": 0.6, "c": 0.1},
+        "c": {"a": 0.2, "b": 0.45, "c": 0.35},
+    }
+    ok = {"a": False, "b": True, "c": False}
+    passed = whole_rules([({"probabilities": probabilities}, ok)], members)
+    assert passed["with self-votes (the re-ranker)"] == 0
+    assert passed["without self-votes"] == 1
+    assert passed["b alone as judge"] == 1 and passed["a alone as judge"] == 0
+    assert passed["some member passes (ceiling)"] == 1 and passed["prompts"] == 1

@@ -9,7 +9,13 @@ winner, and how strongly each verifier prefers its own draft; not what the
 changed winner would have done to the rest of the answer (a real run of
 ``--modes default`` measures that).
 
+With ``--mode whole`` it replays the whole-answer re-ranker instead: the same
+members' complete answers, picked with and without self-votes and by each
+verifier alone, each pick scored by the IFEval checker, beside the ceiling of
+any pick (prompts where some member's answer passes).
+
     .venv/bin/python -m benchmarks.ifeval.verify_replay --start 100 --limit 50
+    .venv/bin/python -m benchmarks.ifeval.verify_replay --mode whole --limit 100
 """
 
 from __future__ import annotations
@@ -143,6 +149,75 @@ def render(result: Replay) -> str:
     return "\n".join(lines)
 
 
+def whole_pick(probabilities: Mapping[str, Mapping[str, float]], members: Sequence[str]) -> str:
+    """The re-ranker's pick: mean probability over the verifiers that scored a candidate."""
+
+    def support(c: str) -> float:
+        votes = [row[c] for row in probabilities.values() if c in row]
+        return sum(votes) / len(votes) if votes else 0.0
+
+    return max(members, key=lambda c: (support(c), -members.index(c)))
+
+
+def without_self_votes(probabilities: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Each verifier's probabilities renormalised over the other members' answers."""
+    out = {}
+    for v, row in probabilities.items():
+        others = {c: x for c, x in row.items() if c != v}
+        total = sum(others.values())
+        out[v] = {c: x / total for c, x in others.items()} if total > 0 else {}
+    return out
+
+
+def whole_rules(
+    rows: Iterable[tuple[Mapping[str, Any], Mapping[str, bool]]], members: Sequence[str]
+) -> dict[str, int]:
+    """Prompts passed (prompt-level strict) by the answer each rule picks.
+
+    ``rows``: a whole row (its per-verifier ``probabilities``) and whether each
+    member's own answer passes.
+    """
+    passed = {"with self-votes (the re-ranker)": 0, "without self-votes": 0}
+    passed.update({f"{v} alone as judge": 0 for v in members})
+    passed["some member passes (ceiling)"] = 0
+    passed["prompts"] = 0
+    for row, ok in rows:
+        p = row["probabilities"]
+        passed["prompts"] += 1
+        passed["with self-votes (the re-ranker)"] += ok[whole_pick(p, members)]
+        passed["without self-votes"] += ok[whole_pick(without_self_votes(p), members)]
+        for v in members:
+            if v in p:
+                passed[f"{v} alone as judge"] += ok[max(members, key=lambda c, r=p[v]: r.get(c, 0.0))]
+        passed["some member passes (ceiling)"] += any(ok.values())
+    return passed
+
+
+def _whole_main(prompts: Sequence[Any], cache: Cache, members: tuple[str, ...]) -> int:
+    from benchmarks.ifeval.data import score_response, setup_environment
+
+    setup_environment()
+    whole = Mode("whole", "whole", members)
+    rows = []
+    for prompt in prompts:
+        row = cache.get(whole, prompt)
+        solos = {m: cache.get(Mode(f"solo:{m}", "solo", (m,)), prompt) for m in members}
+        if row is None or any(s is None for s in solos.values()):
+            continue
+        ok = {m: score_response(prompt, s["response"]).prompt_strict for m, s in solos.items() if s}
+        rows.append((row, ok))
+    if not rows:
+        print("no cached whole answers (with every member's answer) for these prompts", file=sys.stderr)
+        return 1
+    passed = whole_rules(rows, members)
+    n = passed.pop("prompts")
+    print(f"{n} prompts with the whole-answer re-ranker's scores and every member's answer\n")
+    print("| pick | prompt strict |\n|---|---|")
+    for rule, count in passed.items():
+        print(f"| {rule} | {count}/{n} |")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -150,12 +225,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--members", nargs="+", default=list(DEFAULT_MEMBERS))
-    parser.add_argument("--mode", default="fuse", help="the fusion mode whose rounds are replayed")
+    parser.add_argument(
+        "--mode", default="fuse", help="the fusion mode whose rounds are replayed, or 'whole'"
+    )
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None)
     args = parser.parse_args(argv)
     prompts = load_prompts(args.data, args.limit, start=args.start)
     cache = Cache(args.cache, BenchSettings())
+    if args.mode == "whole":
+        return _whole_main(prompts, cache, tuple(args.members))
     mode = Mode(args.mode, "fusion", tuple(args.members))
     rows = [row for p in prompts if (row := cache.get(mode, p)) is not None]
     if not rows:
