@@ -150,13 +150,10 @@ def render(result: Replay) -> str:
 
 
 def whole_pick(probabilities: Mapping[str, Mapping[str, float]], members: Sequence[str]) -> str:
-    """The re-ranker's pick: mean probability over the verifiers that scored a candidate."""
-
-    def support(c: str) -> float:
-        votes = [row[c] for row in probabilities.values() if c in row]
-        return sum(votes) / len(votes) if votes else 0.0
-
-    return max(members, key=lambda c: (support(c), -members.index(c)))
+    """The re-ranker's pick (`runner.rank_whole_answers`): mean probability, member order on ties."""
+    weights = {v: 1.0 for v in probabilities}
+    support = scoring.aggregate({v: dict(row) for v, row in probabilities.items()}, weights, list(members))
+    return scoring.pick_winner(support, {}, list(members))
 
 
 def without_self_votes(probabilities: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
