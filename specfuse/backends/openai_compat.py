@@ -310,7 +310,7 @@ class VLLMBackend(RemoteBackend):
         async def twice(url: str) -> Any:
             # Both on one replica: the second must find the first in that server's cache.
             await self._post_tokens(url, body)
-            return (await self._post_tokens(url, body))[0] or {}
+            return (await self._post_tokens(url, body))[0]
 
         try:
             second = await self.call(f"probe POST {TOKENS_ROUTE}", twice)
@@ -321,6 +321,8 @@ class VLLMBackend(RemoteBackend):
                     "and --enable-prompt-tokens-details for verification that reuses its prefix cache)"
                 )
             return "echo", f"the token-in route failed its probe ({exc})"
+        if second is None:
+            return "echo", "vLLM could not encode the token-in route's answer on any try (NaN log-probs)"
         cached = reported_cached_tokens(second)
         if cached is None:
             return "echo", (
