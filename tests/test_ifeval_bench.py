@@ -182,6 +182,29 @@ def test_solo_and_whole_cache_keys_stay_those_of_the_tracked_cache() -> None:
     assert modes["fuse"].fusion_settings(s)["self_verify"] is True  # the paper's plain SpecFuse
 
 
+def test_an_ablation_is_the_default_with_only_its_knobs_changed() -> None:
+    """`default+knob=value` modes measure one change on its own: same settings as
+    `default` but the named knobs, their own cache file, and typos refused before
+    any model loads."""
+    s = bench.BenchSettings()
+    default, ablation, two = bench.expand_modes(
+        ["default", "default+self_verify=true", "default+lam=0+model_exit=false"], PAIR
+    )
+    base = default.fusion_settings(s)
+    changed = {k for k, v in ablation.fusion_settings(s).items() if base[k] != v}
+    assert changed == {"self_verify"} and ablation.fusion_settings(s)["self_verify"] is True
+    assert {k for k, v in two.fusion_settings(s).items() if base[k] != v} == {"lam", "model_exit"}
+    assert len({default.cache_id(s), ablation.cache_id(s), two.cache_id(s)}) == 3
+    assert default.cache_id(s) == bench.expand_modes(["default"], PAIR)[0].cache_id(s)
+    for bad, says in [
+        ("default+self_verfy=true", "unknown fusion setting"),
+        ("default+lam=-1", "lam"),
+        ("default+lam", "knob=value"),
+    ]:
+        with pytest.raises(SystemExit, match=says):
+            bench.expand_modes([bad], PAIR)
+
+
 def test_workers_fill_the_cache_that_one_process_then_reads(tmp_path: Path) -> None:
     data = tmp_path / "two.jsonl"
     data.write_text("\n".join(bench.DEFAULT_DATA.read_text(encoding="utf-8").splitlines()[:2]) + "\n")

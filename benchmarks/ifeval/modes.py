@@ -19,6 +19,8 @@ ENSEMBLE_MODES: tuple[str, ...] = ("fuse", "specem", "exit", "specem+exit", "def
 #: `default` runs whatever the library's defaults are.
 PAPER_VERIFICATION: dict[str, Any] = {"self_verify": True, "pool_identical": False}
 ALL_MODES: tuple[str, ...] = ("solo", "whole", *ENSEMBLE_MODES)
+#: An ablation is the default with knobs changed: ``default+self_verify=true+lam=0``.
+ABLATION_PREFIX = "default+"
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class Mode:
     name: str
     kind: str  # "solo" | "whole" | "fusion"
     members: tuple[str, ...]
+    #: FusionSettings fields the mode changes from the library's defaults (ablations).
+    overrides: tuple[tuple[str, Any], ...] = ()
 
     def fusion_settings(self, s: BenchSettings) -> dict[str, Any]:
         """The FusionSettings this mode runs with (whole reuses the solo runs' settings)."""
@@ -75,11 +79,12 @@ class Mode:
         if self.kind in ("solo", "whole"):
             # One segment of max_tokens: a pure single-model answer.
             return {**common, "solo_segment_tokens": s.max_tokens, "lam": 0.0, "model_exit": False}
-        if self.name == "default":
+        if self.name == "default" or self.overrides:
             # Every knob resolved, so a change of any library default is a new cache key.
             from specfuse.config import FusionSettings
 
-            return FusionSettings(**common, segment_tokens=s.segment_tokens).model_dump(mode="json")
+            knobs = {**common, "segment_tokens": s.segment_tokens, **dict(self.overrides)}
+            return FusionSettings(**knobs).model_dump(mode="json")
         lam = s.lam if "specem" in self.name else 0.0
         fusion = {
             **common,
@@ -101,9 +106,38 @@ class Mode:
         return f"{re.sub(r'[^A-Za-z0-9.+-]', '_', self.name)}-{digest}"
 
 
+def parse_ablation(name: str) -> tuple[tuple[str, Any], ...]:
+    """``default+self_verify=true+lam=0`` -> (("self_verify", True), ("lam", 0)).
+
+    Values are JSON (true, false, numbers, "quoted strings"); a bare word is a string.
+    Every knob is checked against FusionSettings here, so a typo fails before any model loads.
+    """
+    from specfuse.config import FusionSettings
+    from specfuse.errors import ConfigError
+
+    overrides: list[tuple[str, Any]] = []
+    for part in name.removeprefix(ABLATION_PREFIX).split("+"):
+        key, sep, raw = part.partition("=")
+        if not sep or not key or not raw:
+            raise SystemExit(
+                f"ablation {name!r}: write each change as knob=value, e.g. default+self_verify=true"
+            )
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides.append((key, value))
+    try:
+        FusionSettings().with_overrides(**dict(overrides))
+    except ConfigError as exc:
+        raise SystemExit(f"ablation {name!r}: {exc}") from None
+    return tuple(overrides)
+
+
 def expand_modes(names: Sequence[str], members: Sequence[str]) -> list[Mode]:
     """Mode names -> modes, in the order a prompt runs them (solo answers before `whole`)."""
-    unknown = set(names) - set(ALL_MODES)
+    ablations = [n for n in names if n.startswith(ABLATION_PREFIX)]
+    unknown = set(names) - set(ALL_MODES) - set(ablations)
     if unknown:
         raise SystemExit(f"unknown mode(s) {sorted(unknown)}; choose from {list(ALL_MODES)}")
     members = tuple(members)
@@ -120,4 +154,8 @@ def expand_modes(names: Sequence[str], members: Sequence[str]) -> list[Mode]:
             if len(members) < 2:
                 raise SystemExit(f"mode {name!r} needs at least two members")
             modes.append(Mode(name, "fusion", members))
+    for name in ablations:
+        if len(members) < 2:
+            raise SystemExit(f"mode {name!r} needs at least two members")
+        modes.append(Mode(name, "fusion", members, parse_ablation(name)))
     return modes

@@ -202,7 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="first N prompts only")
     parser.add_argument("--start", type=int, default=0, help="skip the first N prompts (a held-out split)")
     parser.add_argument("--members", nargs="+", default=list(DEFAULT_MEMBERS))
-    parser.add_argument("--modes", nargs="+", default=list(ALL_MODES), help=f"subset of {list(ALL_MODES)}")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(ALL_MODES),
+        help=f"subset of {list(ALL_MODES)}, or an ablation of the default: default+knob=value[+knob=value]",
+    )
     parser.add_argument("--max-tokens", type=int, default=BenchSettings.max_tokens)
     parser.add_argument("--segment-tokens", type=int, default=BenchSettings.segment_tokens)
     parser.add_argument("--temperature", type=float, default=BenchSettings.temperature, help="0 = greedy")
