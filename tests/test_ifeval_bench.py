@@ -319,3 +319,25 @@ def test_whole_answer_replay_scores_each_rule_s_pick_against_the_ceiling() -> No
     assert passed["without self-votes"] == 1
     assert passed["b alone as judge"] == 1 and passed["a alone as judge"] == 0
     assert passed["some member passes (ceiling)"] == 1 and passed["prompts"] == 1
+
+
+def test_exit_replay_null_tells_evidence_from_noise() -> None:
+    """On a log where c loses every round the evidence rule fires; dealing each
+    round's S to the members at random (no member better) it almost never does,
+    while a rule with a tiny margin fires on the shuffled logs too."""
+    import random
+
+    from benchmarks.ifeval.exit_replay import ExitRule, null_exit_rate, replay, shuffled_labels
+
+    members = ("a", "b", "c")
+    log = [{"winner": "a", "S": {"a": 0.45, "b": 0.35, "c": 0.2}, "calls": 9} for _ in range(10)]
+    shuffled = shuffled_labels(log, random.Random(3))
+    assert all(sorted(r["S"].values()) == [0.2, 0.35, 0.45] for r in shuffled)
+    assert any(r["S"]["c"] != 0.2 for r in shuffled)
+    strict = ExitRule(3, 0.0, 0.0, 2, "evidence", 2.0, 3)
+    loose = ExitRule(2, 0.0, 0.0, 2, "evidence", 0.1, 1)
+    logs = [log] * 5
+    assert replay(log, strict, members, 32, 10).exit_round is not None
+    assert null_exit_rate(logs, strict, members, 32, 10) < 1.0  # of 5 answers
+    assert null_exit_rate(logs, loose, members, 32, 10) > 3.0
+    assert null_exit_rate(logs, strict, members, 32, 10) == null_exit_rate(logs, strict, members, 32, 10)

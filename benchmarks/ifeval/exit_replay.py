@@ -18,7 +18,11 @@ replay only estimates:
   segments with no verification (one call each);
 * lost wins: the share of the answer's later rounds that the fuse run gave to a
   member who would have left: text the exit run must replace with another
-  member's. 0 means the exit only removed members who never won again.
+  member's. 0 means the exit only removed members who never won again;
+* labels shuffled: in how many answers the same rule fires when each round's S
+  values are dealt to the members at random (mean of 20 seeded draws), i.e. when
+  no member is better than another. A rule that fires nearly as often on the real
+  logs as on these fires on noise, not evidence.
 
     .venv/bin/python -m benchmarks.ifeval.exit_replay --start 100 --limit 50
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import random
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,7 +45,7 @@ from benchmarks.ifeval.run import (
     DEFAULT_MEMBERS,
     BenchSettings,
     Cache,
-    Mode,
+    expand_modes,
     load_prompts,
 )
 
@@ -151,6 +156,42 @@ def replay(
     )
 
 
+def shuffled_labels(round_log: Sequence[dict[str, Any]], rng: random.Random) -> list[dict[str, Any]]:
+    """The same rounds with each round's S values dealt to its members at random.
+
+    A null model of "every member equally good": the round-to-round spread of S is
+    kept, any lasting difference between members is destroyed. An exit that fires
+    as often on these logs as on the real ones fires on noise.
+    """
+    shuffled = []
+    for record in round_log:
+        names = list(record["S"])
+        values = [record["S"][m] for m in names]
+        rng.shuffle(values)
+        shuffled.append({**record, "S": dict(zip(names, values, strict=True))})
+    return shuffled
+
+
+def null_exit_rate(
+    logs: Sequence[Sequence[dict[str, Any]]],
+    rule: ExitRule,
+    members: Sequence[str],
+    solo_segment: int,
+    segment: int,
+    *,
+    draws: int = 20,
+    seed: int = 0,
+) -> float:
+    """Mean number of answers in which the rule fires on label-shuffled logs."""
+    rng = random.Random(seed)
+    fired = 0
+    for _ in range(draws):
+        for log in logs:
+            result = replay(shuffled_labels(log, rng), rule, members, solo_segment, segment)
+            fired += result.exit_round is not None
+    return fired / draws
+
+
 def rules(grid: dict[str, Iterable[Any]]) -> list[ExitRule]:
     """Every combination of the grid's values, fields named by the grid's keys."""
     return [ExitRule(**dict(zip(grid, values, strict=True))) for values in itertools.product(*grid.values())]
@@ -166,6 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--members", nargs="+", default=list(DEFAULT_MEMBERS))
     parser.add_argument("--max-tokens", type=int, default=BenchSettings.max_tokens)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument(
+        "--mode",
+        default="fuse",
+        help="whose round logs to replay: fuse (the paper's verification, no exit) or default "
+        "(the library's verification; rounds after an exit it made hold fewer members)",
+    )
     args = parser.parse_args(argv)
     from specfuse.config import FusionSettings
 
@@ -173,14 +220,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = BenchSettings(max_tokens=args.max_tokens)
     members = tuple(args.members)
     cache = Cache(args.cache, settings)
-    fuse = Mode("fuse", "fusion", members)
+    (source,) = expand_modes([args.mode], members)
     logs = []
     for prompt in load_prompts(args.data, args.limit, args.start):
-        row = cache.get(fuse, prompt)
+        row = cache.get(source, prompt)
         if row is not None and row.get("round_log"):
             logs.append(row["round_log"])
     if not logs:
-        raise SystemExit("no cached fuse answers with round logs for these prompts: run --modes fuse first")
+        raise SystemExit(
+            f"no cached {args.mode} answers with round logs for these prompts: run --modes {args.mode} first"
+        )
     grid = {
         "warmup": [2, 3, 4],
         "temperature": [1.0, 0.5, 0.25, 0.1],
@@ -194,9 +243,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for patience in (2, 3)
         for min_active in (2, 1)
     ]
-    print(f"{len(logs)} fuse answers; members {', '.join(members)}\n")
-    print("| rule | exits in | mean exit round | calls cut | members/round | lost wins | top winner kept |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"{len(logs)} {args.mode} answers; members {', '.join(members)}\n")
+    print(
+        "| rule | exits in | same rule, labels shuffled | mean exit round | calls cut | members/round "
+        "| lost wins | top winner kept |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for rule in candidates:
         results = [
             replay(log, rule, members, defaults.solo_segment_tokens, defaults.segment_tokens) for log in logs
@@ -208,9 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         lost = sum(r.lost_rounds for r in results) / later if later else 0.0
         mean_exit = sum(r.exit_round for r in fired) / len(fired) if fired else float("nan")
         kept = sum(r.kept_top_winner for r in results)
+        null = null_exit_rate(logs, rule, members, defaults.solo_segment_tokens, defaults.segment_tokens)
         print(
-            f"| {rule.label()} | {len(fired)}/{len(results)} | {mean_exit:.1f} | {cut:.0%} | {mpr:.2f} "
-            f"| {lost:.0%} | {kept}/{len(results)} |"
+            f"| {rule.label()} | {len(fired)}/{len(results)} | {null:.1f} | {mean_exit:.1f} | {cut:.0%} "
+            f"| {mpr:.2f} | {lost:.0%} | {kept}/{len(results)} |"
         )
     return 0
 
