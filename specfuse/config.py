@@ -67,6 +67,11 @@ class FusionSettings(BaseModel):
     self_verify: bool = False
     # Identical candidates pool their support instead of splitting it.
     pool_identical: bool = True
+    # A candidate that repeats a run of this many words already in the answer (or
+    # within itself) loses to every candidate that does not; 0 turns the guard off.
+    # Likelihood favours a loop once it has started. Off by default until the
+    # IFEval runs measure it (benchmarks/RESULTS.md).
+    no_repeat_words: Annotated[int, Field(ge=0)] = 0
 
     # SpecEM online weights
     lam: Annotated[float, Field(ge=0.0, description="Learning rate of online weights; 0 disables.")] = 1.0

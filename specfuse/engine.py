@@ -654,6 +654,12 @@ class SpecFuse:
             groups = {m: f"{d.finished:d}{d.text}" for m, d in drafts.items()}
             support = scoring.pool_identical(record.aggregated, groups)
             record.pooled = support
+        if settings.no_repeat_words:
+            n = settings.no_repeat_words
+            repeating = [m for m in support if scoring.repeats_words(request.fused, drafts[m].text, n)]
+            if repeating and len(repeating) < len(support):  # all repeating: nothing to prefer
+                record.repeating = repeating
+                support = {m: v for m, v in support.items() if m not in repeating}
         for member, value in record.aggregated.items():
             request.quality[member] += value
         request.history.append(dict(record.aggregated))

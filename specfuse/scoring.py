@@ -12,6 +12,7 @@ by plain keys (member names); matrices are dicts of dicts.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 Matrix = Mapping[str, Mapping[str, float]]
@@ -102,6 +103,31 @@ def pool_identical(aggregated: Mapping[str, float], groups: Mapping[str, str]) -
     for c, value in aggregated.items():
         totals[groups[c]] = totals.get(groups[c], 0.0) + value
     return {c: totals[groups[c]] for c in aggregated}
+
+
+_WORD = re.compile(r"\w+")
+
+
+def repeats_words(answer: str, candidate: str, n: int) -> bool:
+    """Whether appending ``candidate`` to ``answer`` repeats a run of ``n`` words.
+
+    Words are case-folded ``\\w+`` runs. Only runs that touch the candidate count
+    (a repetition already in the answer is not the candidate's doing), including
+    one that ends in the answer's last word when the candidate extends that word.
+    Why: once a text repeats itself, every model predicts the next repeat with
+    high probability, so likelihood verification rewards a loop it should stop.
+    """
+    words = _WORD.findall((answer + candidate).lower())
+    first_new = len(_WORD.findall(answer.lower()))
+    if _WORD.match(candidate[:1]) and _WORD.match(answer[-1:]):
+        first_new -= 1  # the candidate continues the answer's last word
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    seen: set[tuple[str, ...]] = set()
+    for i, gram in enumerate(grams):
+        if i + n - 1 >= first_new and gram in seen:
+            return True
+        seen.add(gram)
+    return False
 
 
 def aggregate(p: Matrix, weights: Mapping[str, float], candidates: Sequence[str]) -> dict[str, float]:

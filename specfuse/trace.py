@@ -54,6 +54,8 @@ class RoundRecord:
     aggregated: dict[str, float] = field(default_factory=dict)
     #: S after identical candidates pooled their support (what the winner was picked by).
     pooled: dict[str, float] = field(default_factory=dict)
+    #: Candidates set aside for repeating words (``no_repeat_words``).
+    repeating: list[str] = field(default_factory=list)
     weights_before: dict[str, float] = field(default_factory=dict)
     weights_after: dict[str, float] = field(default_factory=dict)
     winner: str | None = None

@@ -157,6 +157,23 @@ async def test_identical_candidates_pool_their_support_in_a_round() -> None:
     assert split.trace.rounds[0].winner == "c"
 
 
+async def test_a_candidate_that_repeats_the_answer_loses_when_another_does_not() -> None:
+    """Verifiers like a loop ("x x" scores higher than "y"); with the guard on, the
+    candidate that repeats two words of the answer is set aside and recorded."""
+    log: list = []
+    table = {" again and again": -0.1, " something new": -2.0}
+    looper = TableBackend("looper", [" again and again"], table, log)
+    fresh = TableBackend("fresh", [" something new"], table, log)
+    loose = await fuse_of(looper, fresh, max_tokens=4, lam=0).agenerate("hi")
+    assert [r.winner for r in loose.trace.rounds] == ["looper", "looper"]
+    for m in (looper, fresh):
+        m.rounds = 0
+    guarded = await fuse_of(looper, fresh, max_tokens=4, lam=0, no_repeat_words=2).agenerate("hi")
+    assert [r.winner for r in guarded.trace.rounds] == ["looper", "fresh"]
+    assert guarded.trace.rounds[1].repeating == ["looper"]
+    assert guarded.trace.rounds[0].repeating == []
+
+
 async def test_a_turn_marker_split_across_two_segments_is_cut_from_the_answer() -> None:
     """A base model's "\nUser:" arrived as "\nUs" + "er:" in two rounds; each draft
     alone has no marker, so only a check of the fused text catches it."""

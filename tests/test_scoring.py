@@ -316,3 +316,18 @@ def test_evidence_exits_keep_min_active_and_only_drop_active_members(
     assert set(out) <= set(active)
     assert len(active) - len(out) >= min(min_active, len(active))
     assert len(out) == len(set(out))
+
+
+def test_repeats_words_flags_only_repetition_the_candidate_makes() -> None:
+    answer = "The ability to talk. The ability to"
+    assert scoring.repeats_words(answer, " talk again.", 4)  # "the ability to talk" twice
+    assert not scoring.repeats_words(answer, " fly.", 4)
+    assert not scoring.repeats_words(answer, " fly.", 5)
+    # Case and punctuation do not hide a repeat.
+    assert scoring.repeats_words("I am happy. I", " AM HAPPY", 3)
+    # A repeat inside the candidate alone counts; one already in the answer does not.
+    assert scoring.repeats_words("", "go now go now", 2)
+    assert not scoring.repeats_words("go now go now", " and rest", 2)
+    # A candidate that extends the answer's last word: "ta" + "lk" is "talk".
+    assert scoring.repeats_words("the ability to talk. the ability to ta", "lk", 4)
+    assert not scoring.repeats_words("short", " text", 3)

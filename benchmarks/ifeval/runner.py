@@ -103,6 +103,7 @@ class Bench:
                     # verification rules can be replayed on the same round offline.
                     "candidates": {c.member: [c.text, c.finished] for c in r.candidates},
                     "s": {v: {m: round(x, 4) for m, x in row.items()} for v, row in r.scores.items()},
+                    "repeating": r.repeating,
                 }
                 for r in result.trace.rounds
             ],
