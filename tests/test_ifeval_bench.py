@@ -319,6 +319,12 @@ def test_whole_answer_replay_scores_each_rule_s_pick_against_the_ceiling() -> No
     assert passed["without self-votes"] == 1
     assert passed["b alone as judge"] == 1 and passed["a alone as judge"] == 0
     assert passed["some member passes (ceiling)"] == 1 and passed["prompts"] == 1
+    guard = next(rule for rule in passed if "repeat" in rule)
+    assert passed[guard] == 0  # no answers known: the re-ranker's own pick
+    loop = "the cat sat on the mat and the cat sat on the mat"
+    answers = {"a": loop, "b": "a fresh answer", "c": "another one"}
+    passed = whole_rules([({"probabilities": probabilities, "answers": answers}, ok)], members)
+    assert passed[guard] == 1  # a's looping answer is set aside, b has the most support left
 
 
 def test_exit_replay_null_tells_evidence_from_noise() -> None:

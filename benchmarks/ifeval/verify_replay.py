@@ -149,6 +149,10 @@ def render(result: Replay) -> str:
     return "\n".join(lines)
 
 
+#: The run of words the repetition guard looks for (`FusionSettings.no_repeat_words`).
+REPEAT_WORDS = 6
+
+
 def whole_pick(probabilities: Mapping[str, Mapping[str, float]], members: Sequence[str]) -> str:
     """The re-ranker's pick (`runner.rank_whole_answers`): mean probability, member order on ties."""
     weights = {v: 1.0 for v in probabilities}
@@ -171,10 +175,12 @@ def whole_rules(
 ) -> dict[str, int]:
     """Prompts passed (prompt-level strict) by the answer each rule picks.
 
-    ``rows``: a whole row (its per-verifier ``probabilities``) and whether each
-    member's own answer passes.
+    ``rows``: a whole row (its per-verifier ``probabilities``, and ``answers``: each
+    member's answer, where known) and whether each member's own answer passes.
     """
     passed = {"with self-votes (the re-ranker)": 0, "without self-votes": 0}
+    guard = f"the re-ranker among answers that repeat no {REPEAT_WORDS}-word run (all, if every one does)"
+    passed[guard] = 0
     passed.update({f"{v} alone as judge": 0 for v in members})
     passed["some member passes (ceiling)"] = 0
     passed["prompts"] = 0
@@ -183,6 +189,9 @@ def whole_rules(
         passed["prompts"] += 1
         passed["with self-votes (the re-ranker)"] += ok[whole_pick(p, members)]
         passed["without self-votes"] += ok[whole_pick(without_self_votes(p), members)]
+        answers = row.get("answers", {})
+        fresh = [m for m in members if not scoring.repeats_words("", answers.get(m, ""), REPEAT_WORDS)]
+        passed[guard] += ok[whole_pick(p, fresh or members)]
         for v in members:
             if v in p:
                 passed[f"{v} alone as judge"] += ok[max(members, key=lambda c, r=p[v]: r.get(c, 0.0))]
@@ -202,7 +211,7 @@ def _whole_main(prompts: Sequence[Any], cache: Cache, members: tuple[str, ...]) 
         if row is None or any(s is None for s in solos.values()):
             continue
         ok = {m: score_response(prompt, s["response"]).prompt_strict for m, s in solos.items() if s}
-        rows.append((row, ok))
+        rows.append(({**row, "answers": {m: s["response"] for m, s in solos.items() if s}}, ok))
     if not rows:
         print("no cached whole answers (with every member's answer) for these prompts", file=sys.stderr)
         return 1
