@@ -180,6 +180,12 @@ def test_solo_and_whole_cache_keys_stay_those_of_the_tracked_cache() -> None:
         mode="json"
     )
     assert modes["fuse"].fusion_settings(s)["self_verify"] is True  # the paper's plain SpecFuse
+    # A knob added at its inert value (no_repeat_words=0) keeps the 150 cached default
+    # and fuse answers; change these names only with a default that changes answers.
+    assert modes["default"].cache_id(s) == "default-0db376df0c"
+    assert modes["fuse"].cache_id(s) == "fuse-bab1915138"
+    for name in ("default", "fuse"):
+        assert (bench.DEFAULT_CACHE / f"{modes[name].cache_id(s)}.jsonl").exists()
 
 
 def test_an_ablation_is_the_default_with_only_its_knobs_changed() -> None:

@@ -19,6 +19,10 @@ ENSEMBLE_MODES: tuple[str, ...] = ("fuse", "specem", "exit", "specem+exit", "def
 #: `default` runs whatever the library's defaults are.
 PAPER_VERIFICATION: dict[str, Any] = {"self_verify": True, "pool_identical": False}
 ALL_MODES: tuple[str, ...] = ("solo", "whole", *ENSEMBLE_MODES)
+#: Knobs added to FusionSettings after answers were cached, with the value at which
+#: they do nothing. At that value a knob is left out of the cache key, so answers
+#: cached before it existed (exactly what the code still computes) stay valid.
+INERT_KNOBS: dict[str, Any] = {"no_repeat_words": 0}
 #: An ablation is the default with knobs changed: ``default+self_verify=true+lam=0``.
 ABLATION_PREFIX = "default+"
 
@@ -99,9 +103,10 @@ class Mode:
 
     def cache_id(self, s: BenchSettings) -> str:
         """Mode name plus a hash of everything that changes its answers."""
-        blob = json.dumps(
-            {"mode": self.name, "members": self.members, "fusion": self.fusion_settings(s)}, sort_keys=True
-        )
+        fusion = {
+            k: v for k, v in self.fusion_settings(s).items() if not (k in INERT_KNOBS and v == INERT_KNOBS[k])
+        }
+        blob = json.dumps({"mode": self.name, "members": self.members, "fusion": fusion}, sort_keys=True)
         digest = hashlib.sha1(blob.encode()).hexdigest()[:10]
         return f"{re.sub(r'[^A-Za-z0-9.+-]', '_', self.name)}-{digest}"
 
