@@ -353,3 +353,36 @@ def test_exit_replay_null_tells_evidence_from_noise() -> None:
     assert null_exit_rate(logs, strict, members, 32, 10) < 1.0  # of 5 answers
     assert null_exit_rate(logs, loose, members, 32, 10) > 3.0
     assert null_exit_rate(logs, strict, members, 32, 10) == null_exit_rate(logs, strict, members, 32, 10)
+
+
+def test_report_pairs_each_ablation_with_the_default_and_counts_loops() -> None:
+    from benchmarks.ifeval.report import ModeReport, markdown
+
+    def report(mode: str, passed: dict[str, bool], calls: float, looping: int) -> ModeReport:
+        return ModeReport(
+            mode=mode,
+            n=len(passed),
+            prompt_strict=sum(passed.values()),
+            prompt_loose=sum(passed.values()),
+            instr_strict=sum(passed.values()),
+            instr_loose=sum(passed.values()),
+            instr_total=len(passed),
+            calls=calls,
+            members_per_round=3.0,
+            members_per_round_by_tokens=3.0,
+            rounds=8.0,
+            ttfs=1.0,
+            total_time=2.0,
+            tokens_per_second=1.0,
+            errors=0,
+            per_prompt_strict=passed,
+            per_instruction_strict={f"{k}:0": v for k, v in passed.items()},
+            extra={"repeating": (looping, 0)},
+        )
+
+    default = report("default", {"1": True, "2": False, "3": False}, 60.0, 2)
+    ablation = report("default+self_verify=true", {"1": False, "2": True, "3": True}, 75.0, 1)
+    text = markdown([default, ablation], bench.BenchSettings(), PAIR)
+    line = next(x for x in text.splitlines() if x.startswith("- default+self_verify=true vs default"))
+    assert "+1 prompts (paired: 2 won, 1 lost" in line and "calls 60.0 -> 75.0" in line
+    assert "repeat a 6-word run: default 2/3 (0 pass), default+self_verify=true 1/3 (0 pass)" in text

@@ -19,6 +19,8 @@ ENSEMBLE_MODES: tuple[str, ...] = ("fuse", "specem", "exit", "specem+exit", "def
 #: `default` runs whatever the library's defaults are.
 PAPER_VERIFICATION: dict[str, Any] = {"self_verify": True, "pool_identical": False}
 ALL_MODES: tuple[str, ...] = ("solo", "whole", *ENSEMBLE_MODES)
+#: The run of words the reports and replays call a repetition (`no_repeat_words` of the ablation).
+REPEAT_WORDS = 6
 #: Knobs added to FusionSettings after answers were cached, with the value at which
 #: they do nothing. At that value a knob is left out of the cache key, so answers
 #: cached before it existed (exactly what the code still computes) stay valid.

@@ -10,7 +10,8 @@ from typing import Any
 
 from benchmarks.ifeval.cache import Cache
 from benchmarks.ifeval.data import Prompt, score_response
-from benchmarks.ifeval.modes import BenchSettings, Mode
+from benchmarks.ifeval.modes import ABLATION_PREFIX, REPEAT_WORDS, BenchSettings, Mode
+from specfuse import scoring
 
 
 @dataclass
@@ -50,6 +51,9 @@ def build_reports(modes: Sequence[Mode], prompts: Sequence[Prompt], cache: Cache
         tokens = sum(s["completion_tokens"] for s in summaries)
         seconds = sum(s["total_time"] for s in summaries)
         extra: dict[str, Any] = {}
+        # Likelihood rewards loops: how many answers repeat a run of words, and how many of those pass.
+        looping = [sc for _, r, sc in scored if scoring.repeats_words("", r["response"], REPEAT_WORDS)]
+        extra["repeating"] = (len(looping), sum(sc.prompt_strict for sc in looping))
         if mode.kind == "whole" and n:
             extra["picked"] = _count(r["picked"] for _, r, _ in scored)
             extra["sequential_time"] = _mean(s["sequential_time"] for s in summaries)
@@ -176,6 +180,11 @@ def markdown(reports: Sequence[ModeReport], settings: BenchSettings, members: Se
     for mode, reference in (("default", "whole"), ("default", "fuse")):
         if mode in by_name and reference in by_name and by_name[reference].n:
             notes.append(comparison(by_name[mode], by_name[reference]))
+    ablations = [r for r in reports if r.mode.startswith(ABLATION_PREFIX)]
+    if ablations and "default" in by_name:
+        d = by_name["default"]
+        for r in ablations:
+            notes.append(comparison(r, d) + f"; calls {d.calls:.1f} -> {r.calls:.1f}")
     for exit_mode, base_mode in (("exit", "fuse"), ("specem+exit", "specem"), ("default", "fuse")):
         if exit_mode in by_name and base_mode in by_name and by_name[base_mode].n:
             e, b = by_name[exit_mode], by_name[base_mode]
@@ -197,6 +206,13 @@ def markdown(reports: Sequence[ModeReport], settings: BenchSettings, members: Se
             f"- whole: picked {w.extra.get('picked')}; TTFS = slowest member's full answer + scoring "
             f"(parallel members); on this shared CPU, sequential {w.extra.get('sequential_time', 0):.1f} s"
         )
+    looping = [
+        f"{r.mode} {r.extra['repeating'][0]}/{r.n} ({r.extra['repeating'][1]} pass)"
+        for r in reports
+        if "repeating" in r.extra
+    ]
+    if looping:
+        notes.append(f"- answers that repeat a {REPEAT_WORDS}-word run: {', '.join(looping)}")
     for r in reports:
         if r.extra.get("exits"):
             notes.append(f"- {r.mode}: exited members (prompts) {r.extra['exits']}")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.ifeval.modes import REPEAT_WORDS
 from benchmarks.ifeval.run import (
     DEFAULT_CACHE,
     DEFAULT_DATA,
@@ -147,10 +148,6 @@ def render(result: Replay) -> str:
         chance = 1 / result.candidates_per_round if result.candidates_per_round else 0.0
         lines.append(f"| {v} | {first}/{n} ({first / n:.0%}) | {chance:.0%} | {total / count:+.2f} |")
     return "\n".join(lines)
-
-
-#: The run of words the repetition guard looks for (`FusionSettings.no_repeat_words`).
-REPEAT_WORDS = 6
 
 
 def whole_pick(probabilities: Mapping[str, Mapping[str, float]], members: Sequence[str]) -> str:
