@@ -63,6 +63,17 @@ def test_empty_answer_fails_every_instruction() -> None:
     assert score.strict == (False, False) and not score.prompt_loose
 
 
+def test_a_language_check_gives_the_same_verdict_every_time() -> None:
+    """langdetect samples at random; these cached answers (Arabic, Bengali) passed
+    and failed their language check in turns before it was seeded."""
+    prompts = {p.key: p for p in bench.load_prompts(bench.DEFAULT_DATA, limit=150)}
+    rows = (bench.DEFAULT_CACHE / "default-0db376df0c.jsonl").read_text(encoding="utf-8").splitlines()
+    answers = {json.loads(line)["key"]: json.loads(line)["response"] for line in rows}
+    for key in (3241, 3744):
+        verdicts = {bench.score_response(prompts[key], answers[key]) for _ in range(40)}
+        assert len(verdicts) == 1, (key, verdicts)
+
+
 def test_sign_test_is_exact() -> None:
     assert bench.sign_test(0, 0) == 1.0
     assert bench.sign_test(5, 0) == pytest.approx(2 / 32)
