@@ -388,7 +388,7 @@ def test_report_pairs_each_ablation_with_the_default_and_counts_loops() -> None:
             errors=0,
             per_prompt_strict=passed,
             per_instruction_strict={f"{k}:0": v for k, v in passed.items()},
-            extra={"repeating": (looping, 0)},
+            extra={"repeating": (looping, 0), "turn_markers": 0},
         )
 
     default = report("default", {"1": True, "2": False, "3": False}, 60.0, 2)
@@ -397,3 +397,9 @@ def test_report_pairs_each_ablation_with_the_default_and_counts_loops() -> None:
     line = next(x for x in text.splitlines() if x.startswith("- default+self_verify=true vs default"))
     assert "+1 prompts (paired: 2 won, 1 lost" in line and "calls 60.0 -> 75.0" in line
     assert "repeat a 6-word run: default 2/3 (0 pass), default+self_verify=true 1/3 (0 pass)" in text
+    assert "turn marker or a fake next turn: default 0/3, default+self_verify=true 0/3" in text
+    from benchmarks.ifeval.report import TURN_MARKER
+
+    for leak in ("Yes.\nUser: no", "ok<|im_end|>", "a<end_of_turn>", "x\nAssistant: y"):
+        assert TURN_MARKER.search(leak), leak
+    assert not TURN_MARKER.search("User: is a word at the start; the user said hi")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,12 @@ from benchmarks.ifeval.cache import Cache
 from benchmarks.ifeval.data import Prompt, score_response
 from benchmarks.ifeval.modes import ABLATION_PREFIX, REPEAT_WORDS, BenchSettings, Mode
 from specfuse import scoring
+
+#: The members' end-of-turn markers and a plain-template fake next turn ("\nUser:"),
+#: none of which may reach an answer.
+TURN_MARKER = re.compile(
+    r"\n(?:User|Assistant|Human|System)\s*:|<\|im_(?:start|end)\|>|<(?:start|end)_of_turn>|<\|endoftext\|>|<eos>"
+)
 
 
 @dataclass
@@ -54,6 +61,7 @@ def build_reports(modes: Sequence[Mode], prompts: Sequence[Prompt], cache: Cache
         # Likelihood rewards loops: how many answers repeat a run of words, and how many of those pass.
         looping = [sc for _, r, sc in scored if scoring.repeats_words("", r["response"], REPEAT_WORDS)]
         extra["repeating"] = (len(looping), sum(sc.prompt_strict for sc in looping))
+        extra["turn_markers"] = sum(bool(TURN_MARKER.search(r["response"])) for _, r, _ in scored)
         if mode.kind == "whole" and n:
             extra["picked"] = _count(r["picked"] for _, r, _ in scored)
             extra["sequential_time"] = _mean(s["sequential_time"] for s in summaries)
@@ -213,6 +221,9 @@ def markdown(reports: Sequence[ModeReport], settings: BenchSettings, members: Se
     ]
     if looping:
         notes.append(f"- answers that repeat a {REPEAT_WORDS}-word run: {', '.join(looping)}")
+    marked = [f"{r.mode} {r.extra['turn_markers']}/{r.n}" for r in reports if "turn_markers" in r.extra]
+    if marked:
+        notes.append(f"- answers holding a turn marker or a fake next turn: {', '.join(marked)}")
     for r in reports:
         if r.extra.get("exits"):
             notes.append(f"- {r.mode}: exited members (prompts) {r.extra['exits']}")
