@@ -335,6 +335,8 @@ def test_whole_answer_replay_scores_each_rule_s_pick_against_the_ceiling() -> No
     assert passed["with self-votes (the re-ranker)"] == 0
     assert passed["without self-votes"] == 1
     assert passed["b alone as judge"] == 1 and passed["a alone as judge"] == 0
+    # Borda points (2, 1, 0 per verifier): a 2+1+0 = 3, b 1+2+2 = 5, c 0+0+1 = 1: b's answer.
+    assert passed["rank-based (Borda points per verifier)"] == 1
     assert passed["some member passes (ceiling)"] == 1 and passed["prompts"] == 1
     guard = next(rule for rule in passed if "repeat" in rule)
     assert passed[guard] == 0  # no answers known: the re-ranker's own pick

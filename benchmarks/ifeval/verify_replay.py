@@ -157,6 +157,20 @@ def whole_pick(probabilities: Mapping[str, Mapping[str, float]], members: Sequen
     return scoring.pick_winner(support, {}, list(members))
 
 
+def rank_votes(probabilities: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Each verifier's scores replaced by its ranking (Borda points, best = n-1).
+
+    Rank-based aggregation: a verifier whose log-probabilities spread widely
+    (a confident or a miscalibrated one) counts no more than one that spreads
+    narrowly; only the order of its preferences is kept.
+    """
+    out = {}
+    for v, row in probabilities.items():
+        ranked = sorted(row, key=lambda c: row[c])
+        out[v] = {c: float(i) for i, c in enumerate(ranked)}
+    return out
+
+
 def without_self_votes(probabilities: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
     """Each verifier's probabilities renormalised over the other members' answers."""
     out = {}
@@ -175,7 +189,12 @@ def whole_rules(
     ``rows``: a whole row (its per-verifier ``probabilities``, and ``answers``: each
     member's answer, where known) and whether each member's own answer passes.
     """
-    passed = {"with self-votes (the re-ranker)": 0, "without self-votes": 0}
+    passed = {
+        "with self-votes (the re-ranker)": 0,
+        "without self-votes": 0,
+        "rank-based (Borda points per verifier)": 0,
+        "rank-based, without self-votes": 0,
+    }
     guard = f"the re-ranker among answers that repeat no {REPEAT_WORDS}-word run (all, if every one does)"
     passed[guard] = 0
     passed.update({f"{v} alone as judge": 0 for v in members})
@@ -186,6 +205,8 @@ def whole_rules(
         passed["prompts"] += 1
         passed["with self-votes (the re-ranker)"] += ok[whole_pick(p, members)]
         passed["without self-votes"] += ok[whole_pick(without_self_votes(p), members)]
+        passed["rank-based (Borda points per verifier)"] += ok[whole_pick(rank_votes(p), members)]
+        passed["rank-based, without self-votes"] += ok[whole_pick(rank_votes(without_self_votes(p)), members)]
         answers = row.get("answers", {})
         fresh = [m for m in members if not scoring.repeats_words("", answers.get(m, ""), REPEAT_WORDS)]
         passed[guard] += ok[whole_pick(p, fresh or members)]
