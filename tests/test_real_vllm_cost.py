@@ -157,6 +157,17 @@ def test_token_route_scores_equal_the_echo_path_and_read_the_cache(vllm_scale_ou
             batched = await echo.score(context, CANDIDATES)
             alone = [(await echo.score(context, [c]))[0] for c in CANDIDATES]
             cheap = await tokens.score(context, CANDIDATES)
+            for i, candidate in enumerate(CANDIDATES):
+                # An answer vLLM could not encode on any of its tries (NaN in the
+                # uninitialised cached positions, at random) is scored by echo
+                # ("echo+tokens", its own test below); ask again until the token
+                # route itself answers, so it is that route this test compares.
+                for _ in range(5):
+                    usage = cheap[i].usage
+                    if usage is not None and usage.path == "tokens":
+                        break
+                    assert_close(cheap[i], batched[i])  # the fallback is the echo score
+                    cheap[i] = (await tokens.score(context, [candidate]))[0]
             for b, a, c in zip(batched, alone, cheap, strict=True):
                 assert_close(a, b)  # the tolerance holds for echo against itself
                 assert_close(c, b)
