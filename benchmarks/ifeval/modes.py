@@ -156,13 +156,9 @@ def expand_modes(names: Sequence[str], members: Sequence[str]) -> list[Mode]:
         if len(members) < 2:
             raise SystemExit("the whole-answer baseline needs at least two members")
         modes.append(Mode("whole", "whole", members))
-    for name in ENSEMBLE_MODES:
-        if name in names:
-            if len(members) < 2:
-                raise SystemExit(f"mode {name!r} needs at least two members")
-            modes.append(Mode(name, "fusion", members))
-    for name in ablations:
+    for name in [n for n in ENSEMBLE_MODES if n in names] + ablations:
         if len(members) < 2:
             raise SystemExit(f"mode {name!r} needs at least two members")
-        modes.append(Mode(name, "fusion", members, parse_ablation(name)))
+        overrides = parse_ablation(name) if name in ablations else ()
+        modes.append(Mode(name, "fusion", members, overrides))
     return modes
