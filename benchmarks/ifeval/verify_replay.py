@@ -35,6 +35,7 @@ from benchmarks.ifeval.run import (
     BenchSettings,
     Cache,
     Mode,
+    expand_modes,
     load_prompts,
 )
 from specfuse import scoring
@@ -259,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = Cache(args.cache, BenchSettings())
     if args.mode == "whole":
         return _whole_main(prompts, cache, tuple(args.members))
-    mode = Mode(args.mode, "fusion", tuple(args.members))
+    (mode,) = expand_modes([args.mode], tuple(args.members))
     rows = [row for p in prompts if (row := cache.get(mode, p)) is not None]
     if not rows:
         print(f"no cached {args.mode!r} answers for these prompts", file=sys.stderr)
