@@ -16,7 +16,9 @@ that ratio divided by the number of members N (goal: <= 1.5 on the cheapest
 path at ~1000 tokens with 3 members). Each scoring path is run: "echo"
 (/v1/completions, the whole prompt re-read per request) and "tokens"
 (/inference/v1/generate with the prefix cache read). The trace's own per-call
-`prompt_tokens_computed` sum is printed beside the server's figure.
+`prompt_tokens_computed` sum is printed beside the server's figure, with
+"+ <=U" when some token-route tries were lost (vLLM computed them, then could
+not encode their answer), whose cache use the trace cannot know.
 
 Each measurement starts its prompt with a fresh nonce (new on every run), so
 no answer finds another's context in the cache; the chat template's few
@@ -274,7 +276,8 @@ def main() -> None:
                     answer = result.trace.completion_tokens
                     nonce += 1
                     alone = solo(model, messages(docs, nonce), answer)
-                    trace_computed = result.trace.summary()["prompt_tokens_computed"]
+                    summary = result.trace.summary()
+                    trace_computed = summary["prompt_tokens_computed"]
                     row = {
                         "context_tokens": len(tokenize(docs)),
                         "members": n,
@@ -286,6 +289,7 @@ def main() -> None:
                         "fused_generated": cost.generated,
                         "fused_requests": cost.requests,
                         "trace_prompt_computed": trace_computed,
+                        "trace_prompt_unmetered": summary["prompt_tokens_unmetered"],
                         "solo_prompt_computed": alone.computed,
                         "solo_generated": alone.generated,
                         "ratio": cost.compute / alone.compute,
@@ -323,7 +327,9 @@ def main() -> None:
             f"{r['fused_prompt_cached']:.0f}",
             f"{r['fused_generated']:.0f}",
             f"{r['fused_requests']:.0f}",
-            str(r["trace_prompt_computed"]),
+            # "+ up to U": tokens of token-route tries vLLM computed but could not answer.
+            f"{r['trace_prompt_computed']}"
+            + (f" + <={r['trace_prompt_unmetered']}" if r["trace_prompt_unmetered"] else ""),
             f"{r['solo_prompt_computed']:.0f}+{r['solo_generated']:.0f}",
             f"{r['ratio']:.2f}",
             f"{r['ratio_per_member']:.2f}",

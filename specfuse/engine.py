@@ -1014,6 +1014,7 @@ def _cost_fields(usage: ServerUsage | None) -> dict[str, Any]:
     return {
         "server_prompt_tokens": usage.prompt_tokens,
         "prompt_tokens_computed": usage.computed_tokens,
+        "prompt_tokens_unmetered": usage.unmetered_tokens,
         "requests": usage.requests,
         "scoring_path": usage.path,
     }

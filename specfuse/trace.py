@@ -28,6 +28,9 @@ class CallRecord:
     #: Of those, the ones it computed rather than read from its prefix cache: the
     #: cost of the call. None when the server does not report its cache use.
     prompt_tokens_computed: int | None = None
+    #: Prompt tokens of requests the server computed but whose answer it lost
+    #: (see ServerUsage.unmetered_tokens): it computed up to this many more.
+    prompt_tokens_unmetered: int = 0
     #: HTTP requests the call made to the server (a batched score counts once).
     requests: int | None = None
     #: How a score call read its log-probs ("echo", "tokens", or both when some
@@ -83,6 +86,9 @@ class MemberSummary:
     #: Prompt tokens the server computed for this member's calls (drafts and
     #: scores), over the calls whose server reported it.
     prompt_tokens_computed: int = 0
+    #: Prompt tokens of requests whose answer the server lost: the server
+    #: computed up to this many more than prompt_tokens_computed.
+    prompt_tokens_unmetered: int = 0
     #: Calls whose server did not report the prompt tokens it computed.
     calls_without_cost: int = 0
     errors: int = 0
@@ -112,6 +118,7 @@ class FusionTrace:
                 s = out[call.member]
                 s.calls += 1
                 s.errors += call.error is not None
+                s.prompt_tokens_unmetered += call.prompt_tokens_unmetered
                 if call.prompt_tokens_computed is not None:
                     s.prompt_tokens_computed += call.prompt_tokens_computed
                 elif call.error is None:
@@ -175,6 +182,7 @@ class FusionTrace:
             "tokens_per_second": round(tokens / self.total_time, 3) if self.total_time else None,
             "finish_reason": self.finish_reason,
             "prompt_tokens_computed": sum(s.prompt_tokens_computed for s in members.values()),
+            "prompt_tokens_unmetered": sum(s.prompt_tokens_unmetered for s in members.values()),
             "exits": {m: s.exited_at_round for m, s in members.items() if s.exited_at_round},
             "members": {m: asdict(s) for m, s in members.items()},
         }

@@ -29,7 +29,7 @@ import pytest
 
 from specfuse import EnsembleConfig, MemberConfig, SpecFuse
 from specfuse.backends.base import CandidateScore
-from specfuse.backends.openai_compat import TOKENS_ROUTE, VLLMBackend
+from specfuse.backends.openai_compat import _UNENCODABLE_TRIES, TOKENS_ROUTE, VLLMBackend
 from specfuse.errors import RemoteError
 from tests.vllm_server import ENABLE_VAR, STORE_NAME, ensure_vllm_installed, start_vllm
 
@@ -86,8 +86,21 @@ def vllm_scale_out(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
         started.stop()
 
 
+#: Per-call timeout: on a fresh machine the first large prompt-log-probs request kept
+#: this CPU server's engine busy for over 4 minutes (run of 2026-12-02; later ones took
+#: seconds), past the default 60 s and every retry of it.
+CALL_TIMEOUT = 900.0
+
+
 def member(server: Server, scoring: str, name: str = "v") -> MemberConfig:
-    return MemberConfig(model=STORE_NAME, name=name, backend="vllm", urls=[server.url], scoring=scoring)
+    return MemberConfig(
+        model=STORE_NAME,
+        name=name,
+        backend="vllm",
+        urls=[server.url],
+        scoring=scoring,
+        timeout=CALL_TIMEOUT,
+    )
 
 
 def context_of(words: int, seed: int) -> str:
@@ -210,16 +223,19 @@ def test_a_cached_position_is_never_read_as_a_log_prob(vllm_scale_out: Server) -
         want = (await echo.score(context, [candidate]))[0]
         assert first.usage is not None and again.usage is not None
         assert first.usage.path == "tokens"
-        # The second request found the block that reaches into the candidate...
-        assert again.usage.cached_tokens is not None and again.usage.cached_tokens >= 3 * block
-        # ...so its token-in answer was not used: the candidate went through echo.
+        full = await tokens._token_ids(context + candidate)
+        if again.usage.unmetered_tokens < _UNENCODABLE_TRIES * len(full):
+            # The second request found the block that reaches into the candidate...
+            assert again.usage.cached_tokens is not None and again.usage.cached_tokens >= 3 * block
+        # (else vLLM could not encode its answer on any try: NaN at the cached positions,
+        # as in the run of 2026-12-02) ...so its token-in answer was not used: the
+        # candidate went through echo.
         assert again.usage.path == "echo+tokens"
         assert again.usage.requests >= 2  # the token-in request (and any retry), then echo
         assert_close(first, want)
         assert_close(again, want)
 
         # What was avoided: the route's log-probs at cached positions are not log-probs.
-        full = await tokens._token_ids(context + candidate)
         body = tokens._tokens_body(STORE_NAME, full)
         raw, _ = await tokens.call("raw", lambda url: tokens._post_tokens(url, body))
         if raw is None:
@@ -273,8 +289,49 @@ def test_an_answer_vllm_cannot_encode_on_every_try_is_scored_by_echo(
         want = (await echo.score(context, [candidate]))[0]
         assert_close(got, want)
         assert token_tries == 3
-        assert got.usage is not None and got.usage.path == "echo+tokens"
+        assert got.usage is not None and want.usage is not None
+        assert got.usage.path == "echo+tokens"
         assert got.usage.requests == 3 + 1  # three unreadable token-in tries, one echo
+        # The lost tries' cache use is unknown: their tokens are unmetered, and what
+        # the server reported computing is the echo request alone.
+        full = len(await tokens._token_ids(context + candidate))
+        assert got.usage.unmetered_tokens == 3 * full
+        assert got.usage.computed_tokens == want.usage.computed_tokens
+        await tokens.aclose()
+        await echo.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_try_lost_before_one_that_answers_is_unmetered(
+    vllm_scale_out: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One try lost (vLLM computed it, then could not encode its answer), the next answers."""
+
+    async def main() -> None:
+        tokens, echo = await token_and_echo_backends(vllm_scale_out)
+        real_post = tokens._post
+        lost = 0
+
+        async def post(url: str, route: str, body: dict) -> dict:  # type: ignore[type-arg]
+            nonlocal lost
+            answer = await real_post(url, route, body)
+            if route == TOKENS_ROUTE and lost == 0:
+                lost += 1  # the server computed this request; its answer is dropped
+                raise RemoteError("HTTP 400: Out of range float values are not JSON compliant", status=400)
+            return answer
+
+        monkeypatch.setattr(tokens, "_post", post)
+        context = context_of(300, time.time_ns())
+        candidate = " The mill stood by the river."
+        got = (await tokens.score(context, [candidate]))[0]
+        want = (await echo.score(context, [candidate]))[0]
+        assert_close(got, want)
+        full = len(await tokens._token_ids(context + candidate))
+        assert got.usage is not None and got.usage.unmetered_tokens == full
+        assert got.usage.requests >= 2  # the lost try, the one that answered (and echo, if the cache
+        # that first try filled reached into the candidate)
+        assert got.usage.computed_tokens is not None and got.usage.computed_tokens >= 0
         await tokens.aclose()
         await echo.aclose()
 
@@ -296,7 +353,14 @@ def test_trace_reports_the_prompt_tokens_the_server_computed(vllm_scale_out: Ser
         fuse.close()
     server_computed = (after[0] - before[0]) - (after[1] - before[1])
     summary = result.trace.summary()
-    assert summary["prompt_tokens_computed"] == server_computed
+    if summary["prompt_tokens_unmetered"] == 0:
+        assert summary["prompt_tokens_computed"] == server_computed
+    else:
+        # vLLM computed some token-route request and then could not encode its answer
+        # (CI run of 2026-12-02: 880 reported, 1516 by the counters); those tries'
+        # cache use is unknown, so the counters lie between the two bounds.
+        low = summary["prompt_tokens_computed"]
+        assert low <= server_computed <= low + summary["prompt_tokens_unmetered"]
     calls = [c for r in result.trace.rounds for c in r.calls]
     scores = [c for c in calls if c.kind == "score"]
     assert scores and all(c.scoring_path in ("tokens", "echo+tokens") for c in scores)

@@ -36,6 +36,18 @@ def test_usage_sums_keep_unknown_cache_counts_unknown() -> None:
     assert total_usage([]) is None
 
 
+def test_a_lost_try_is_unmetered_not_guessed() -> None:
+    """Three token-route tries vLLM computed but could not answer, then echo."""
+    lost = ServerUsage(prompt_tokens=600, cached_tokens=0, requests=3, path="tokens", unmetered_tokens=600)
+    echo = ServerUsage(prompt_tokens=200, cached_tokens=0, path="echo")
+    total = lost + echo
+    assert total.computed_tokens == 200  # what the server reported computing
+    assert total.unmetered_tokens == 600  # and up to this much more
+    assert total.requests == 4 and total.path == "echo+tokens"
+    succeeded = lost + ServerUsage(prompt_tokens=200, cached_tokens=192, path="tokens")
+    assert succeeded.computed_tokens == 8 and succeeded.unmetered_tokens == 600
+
+
 def test_reported_cached_tokens_reads_vllm_usage_details() -> None:
     assert (
         reported_cached_tokens({"usage": {"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 0}}})
@@ -94,9 +106,10 @@ def _trace() -> FusionTrace:
             "score",
             0.1,
             tokens=2,
-            server_prompt_tokens=1402,
+            server_prompt_tokens=2103,
             prompt_tokens_computed=140,
-            requests=2,
+            prompt_tokens_unmetered=701,
+            requests=3,
             scoring_path="tokens",
         ),
         CallRecord("b", "score", 0.1, tokens=2),  # a server that reports nothing
@@ -111,14 +124,18 @@ def test_trace_sums_prompt_tokens_computed_per_member_and_overall() -> None:
     assert summary["members"]["b"]["calls_without_cost"] == 1
     assert summary["members"]["a"]["calls_without_cost"] == 0
     assert summary["prompt_tokens_computed"] == 900
+    assert summary["members"]["a"]["prompt_tokens_unmetered"] == 701
+    assert summary["members"]["b"]["prompt_tokens_unmetered"] == 0
+    assert summary["prompt_tokens_unmetered"] == 701
 
 
 def test_to_dict_shows_each_calls_cost_and_scoring_path() -> None:
     data = json.loads(_trace().to_json())
     score = data["rounds"][0]["calls"][2]
     assert score["prompt_tokens_computed"] == 140
-    assert score["server_prompt_tokens"] == 1402
-    assert score["requests"] == 2
+    assert score["server_prompt_tokens"] == 2103
+    assert score["prompt_tokens_unmetered"] == 701
+    assert score["requests"] == 3
     assert score["scoring_path"] == "tokens"
     assert data["rounds"][0]["calls"][3]["prompt_tokens_computed"] is None
     assert data["summary"]["prompt_tokens_computed"] == 900

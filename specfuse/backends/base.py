@@ -52,11 +52,17 @@ class ServerUsage:
     requests: int = 1
     #: How the call scored: "echo" (whole prompt re-read) or "tokens" (token ids in, cache reused).
     path: str | None = None
+    #: Of prompt_tokens, those of requests the server computed but whose answer it
+    #: lost (vLLM's unencodable-NaN 400), so their cache use is unknown: the server
+    #: computed between none and all of them, on top of computed_tokens.
+    unmetered_tokens: int = 0
 
     @property
     def computed_tokens(self) -> int | None:
-        """Prompt tokens the server had to compute; None when it does not report its cache use."""
-        return None if self.cached_tokens is None else self.prompt_tokens - self.cached_tokens
+        """Prompt tokens the server reported computing; None when it does not report its cache use."""
+        if self.cached_tokens is None:
+            return None
+        return self.prompt_tokens - self.unmetered_tokens - self.cached_tokens
 
     def __add__(self, other: ServerUsage) -> ServerUsage:
         paths = sorted({p for p in (self.path, other.path) if p})
@@ -69,6 +75,7 @@ class ServerUsage:
             ),
             requests=self.requests + other.requests,
             path="+".join(paths) or None,
+            unmetered_tokens=self.unmetered_tokens + other.unmetered_tokens,
         )
 
 

@@ -41,6 +41,7 @@ vLLM's default (true) would add a second BOS.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -299,21 +300,24 @@ class VLLMBackend(RemoteBackend):
             return "echo", "scoring='echo' was asked for"
         if not can_score:
             return "echo", "the server returns no prompt log-probs"
+        # A probe text no earlier request sent (a fresh number first), so the first request
+        # reads nothing from the cache and is always answered: only a cached position's
+        # prompt log-prob can be the NaN that vLLM cannot encode (see `_post_tokens`).
+        fresh = f"{secrets.randbelow(10**12)} "
         try:
-            ids = await self._token_ids("The quick brown fox jumps over the lazy dog. " * 40)
+            ids = await self._token_ids(fresh + "The quick brown fox jumps over the lazy dog. " * 40)
         except RemoteError as exc:
             return "echo", f"the server has no usable /tokenize ({exc})"
         length = min(_PROBE_TOKENS, (window or _PROBE_TOKENS + 2) - 2)
         ids = (ids * (length // max(1, len(ids)) + 1))[:length]
         body = self._tokens_body(model_id, ids)
 
-        async def twice(url: str) -> Any:
+        async def twice(url: str) -> tuple[Any, Any]:
             # Both on one replica: the second must find the first in that server's cache.
-            await self._post_tokens(url, body)
-            return (await self._post_tokens(url, body))[0]
+            return (await self._post_tokens(url, body))[0], (await self._post_tokens(url, body))[0]
 
         try:
-            second = await self.call(f"probe POST {TOKENS_ROUTE}", twice)
+            first, second = await self.call(f"probe POST {TOKENS_ROUTE}", twice)
         except RemoteError as exc:
             if exc.status in (404, 405):
                 return "echo", (
@@ -321,8 +325,18 @@ class VLLMBackend(RemoteBackend):
                     "and --enable-prompt-tokens-details for verification that reuses its prefix cache)"
                 )
             return "echo", f"the token-in route failed its probe ({exc})"
+        if first is None:
+            return "echo", "vLLM could not encode the token-in route's answer to an uncached prompt"
         if second is None:
-            return "echo", "vLLM could not encode the token-in route's answer on any try (NaN log-probs)"
+            if reported_cached_tokens(first) is None:
+                second = first  # the missing count decides, below
+            else:
+                # Computed, then unencodable on every try: non-finite values sit only at
+                # positions read from the cache, so the cache was read.
+                return "tokens", (
+                    "token ids in, prefix cache read (the probe's second answer held log-probs "
+                    "of cached positions that vLLM could not encode)"
+                )
         cached = reported_cached_tokens(second)
         if cached is None:
             return "echo", (
@@ -533,15 +547,19 @@ class VLLMBackend(RemoteBackend):
             f"POST {TOKENS_ROUTE} (prompt log-probs)", lambda url: self._post_tokens(url, body)
         )
         cached = None if data is None else reported_cached_tokens(data)
-        # A failed try was computed too, but its answer (and cached count) was lost:
-        # it is counted with the cached count of the try that succeeded.
-        tries = failed + (data is not None)
+        # A failed try was computed too, but its answer, and with it the count of
+        # tokens it read from the cache, was lost: its tokens are unmetered, not guessed.
         usage = ServerUsage(
-            prompt_tokens=len(full_ids) * tries,
-            cached_tokens=None if cached is None else cached * tries,
-            requests=tries,
+            prompt_tokens=len(full_ids) * failed,
+            cached_tokens=0,
+            requests=failed,
             path="tokens",
+            unmetered_tokens=len(full_ids) * failed,
         )
+        if data is not None:
+            usage = usage + ServerUsage(
+                prompt_tokens=len(full_ids), cached_tokens=cached, requests=1, path="tokens"
+            )
         if data is None or cached is None or valid_from(cached) > start:
             fallback = (await self._score_echo(context, [candidate]))[0]
             assert fallback.usage is not None
