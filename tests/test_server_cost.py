@@ -74,6 +74,53 @@ def test_a_candidate_is_read_from_the_token_route_only_when_every_position_was_c
     assert (valid_from(cached) <= start) == (start > cached)
 
 
+def _probe(first: dict | None, second: dict | None) -> tuple[tuple[str, str], list[str]]:  # type: ignore[type-arg]
+    """The path the probe picks when vLLM answers its two token-route requests so
+    (None: vLLM computed the request but could not encode its answer on any try)."""
+    backend = VLLMBackend(MemberConfig(model="m", backend="vllm", urls=["http://127.0.0.1:9"]))
+    texts: list[str] = []
+    answers = iter([first, second])
+
+    async def token_ids(text: str) -> list[int]:
+        texts.append(text)
+        return list(range(40))
+
+    async def post_tokens(url: str, body: dict) -> tuple[dict | None, int]:  # type: ignore[type-arg]
+        answer = next(answers)
+        return answer, 0 if answer is not None else 3
+
+    backend._token_ids = token_ids  # type: ignore[method-assign]
+    backend._post_tokens = post_tokens  # type: ignore[method-assign]
+    return asyncio.run(backend._choose_scoring_path("m", True, 4096)), texts
+
+
+def _usage(cached: int | None) -> dict:  # type: ignore[type-arg]
+    details = {} if cached is None else {"prompt_tokens_details": {"cached_tokens": cached}}
+    return {"usage": {"prompt_tokens": 300, **details}}
+
+
+def test_the_probe_reads_a_lost_second_answer_as_proof_the_cache_was_read() -> None:
+    # Both answered: the cached count decides.
+    assert _probe(_usage(0), _usage(256))[0][0] == "tokens"
+    assert _probe(_usage(0), _usage(0))[0][0] == "echo"
+    # The second lost: only cached positions hold the NaN vLLM cannot encode, so the
+    # cache was read, and the first answer showed the server reports its cache use.
+    (path, why), _ = _probe(_usage(0), None)
+    assert path == "tokens" and "cached" in why
+    # ...but a server that does not report cached tokens still cannot use the route.
+    (path, why), _ = _probe(_usage(None), None)
+    assert path == "echo" and "--enable-prompt-tokens-details" in why
+    (path, why), _ = _probe(None, None)
+    assert path == "echo" and "uncached" in why
+
+
+def test_each_probe_sends_a_text_no_earlier_probe_sent() -> None:
+    # So its first request reads nothing from the cache and is always answered.
+    _, first = _probe(_usage(0), _usage(256))
+    _, second = _probe(_usage(0), _usage(256))
+    assert first != second
+
+
 @given(st.lists(st.integers(0, 5), max_size=8), st.lists(st.integers(0, 5), max_size=8))
 def test_common_prefix_is_the_longest_shared_head(a: list[int], b: list[int]) -> None:
     n = common_prefix(a, b)
