@@ -327,17 +327,14 @@ class VLLMBackend(RemoteBackend):
             return "echo", f"the token-in route failed its probe ({exc})"
         if first is None:
             return "echo", "vLLM could not encode the token-in route's answer to an uncached prompt"
-        if second is None:
-            if reported_cached_tokens(first) is None:
-                second = first  # the missing count decides, below
-            else:
-                # Computed, then unencodable on every try: non-finite values sit only at
-                # positions read from the cache, so the cache was read.
-                return "tokens", (
-                    "token ids in, prefix cache read (the probe's second answer held log-probs "
-                    "of cached positions that vLLM could not encode)"
-                )
-        cached = reported_cached_tokens(second)
+        if second is None and reported_cached_tokens(first) is not None:
+            # Computed, then unencodable on every try: non-finite values sit only at
+            # positions read from the cache, so the cache was read.
+            return "tokens", (
+                "token ids in, prefix cache read (the probe's second answer held log-probs "
+                "of cached positions that vLLM could not encode)"
+            )
+        cached = reported_cached_tokens(second if second is not None else first)
         if cached is None:
             return "echo", (
                 "the server does not report cached prompt tokens, so cached positions cannot be told "
