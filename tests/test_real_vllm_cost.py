@@ -263,6 +263,32 @@ def test_a_cached_position_is_never_read_as_a_log_prob(vllm_scale_out: Server) -
     asyncio.run(main())
 
 
+def lose_token_route_answers(
+    backend: VLLMBackend, monkeypatch: pytest.MonkeyPatch, *, lose: int | None
+) -> list[int]:
+    """Make the real server's first `lose` token-route answers (all when None) unreadable.
+
+    Each request still reaches vLLM, which computes it, as it does before it fails
+    to encode an answer holding a NaN; the answer is then replaced by the 400 that
+    vLLM's JSON encoder gives (what the CI runs received). Returns a one-item list
+    counting the token-route requests sent.
+    """
+    real_post = backend._post
+    sent = [0]
+
+    async def post(url: str, route: str, body: dict) -> dict:  # type: ignore[type-arg]
+        answer = await real_post(url, route, body)
+        if route != TOKENS_ROUTE:
+            return answer
+        sent[0] += 1
+        if lose is None or sent[0] <= lose:
+            raise RemoteError("HTTP 400: Out of range float values are not JSON compliant", status=400)
+        return answer
+
+    monkeypatch.setattr(backend, "_post", post)
+    return sent
+
+
 def test_an_answer_vllm_cannot_encode_on_every_try_is_scored_by_echo(
     vllm_scale_out: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -271,24 +297,13 @@ def test_an_answer_vllm_cannot_encode_on_every_try_is_scored_by_echo(
 
     async def main() -> None:
         tokens, echo = await token_and_echo_backends(vllm_scale_out)
-        real_post = tokens._post
-        token_tries = 0
-
-        async def post(url: str, route: str, body: dict) -> dict:  # type: ignore[type-arg]
-            nonlocal token_tries
-            if route == TOKENS_ROUTE:
-                token_tries += 1
-                # The message vLLM's JSON encoder gives (what the CI run received).
-                raise RemoteError("HTTP 400: Out of range float values are not JSON compliant", status=400)
-            return await real_post(url, route, body)
-
-        monkeypatch.setattr(tokens, "_post", post)
+        token_tries = lose_token_route_answers(tokens, monkeypatch, lose=None)
         context = context_of(200, 7)
         candidate = " The mill stood by the river."
         got = (await tokens.score(context, [candidate]))[0]
         want = (await echo.score(context, [candidate]))[0]
         assert_close(got, want)
-        assert token_tries == 3
+        assert token_tries == [3]
         assert got.usage is not None and want.usage is not None
         assert got.usage.path == "echo+tokens"
         assert got.usage.requests == 3 + 1  # three unreadable token-in tries, one echo
@@ -310,18 +325,7 @@ def test_a_try_lost_before_one_that_answers_is_unmetered(
 
     async def main() -> None:
         tokens, echo = await token_and_echo_backends(vllm_scale_out)
-        real_post = tokens._post
-        lost = 0
-
-        async def post(url: str, route: str, body: dict) -> dict:  # type: ignore[type-arg]
-            nonlocal lost
-            answer = await real_post(url, route, body)
-            if route == TOKENS_ROUTE and lost == 0:
-                lost += 1  # the server computed this request; its answer is dropped
-                raise RemoteError("HTTP 400: Out of range float values are not JSON compliant", status=400)
-            return answer
-
-        monkeypatch.setattr(tokens, "_post", post)
+        lose_token_route_answers(tokens, monkeypatch, lose=1)
         context = context_of(300, time.time_ns())
         candidate = " The mill stood by the river."
         got = (await tokens.score(context, [candidate]))[0]
