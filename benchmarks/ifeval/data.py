@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = REPO.parent / "shared" / "ifeval" / "dev.jsonl"
+#: The 150-prompt development split, shipped with the harness (data/README.md says where it comes from).
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "dev.jsonl"
 
 
 def setup_environment() -> None:
