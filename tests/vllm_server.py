@@ -231,7 +231,14 @@ class ShimServer:
     answered by the real vLLM, so only the refusal itself is imitated.
     """
 
-    def __init__(self, upstream: str, refuse: Refusal) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        refuse: Refusal,
+        headers: Callable[[str, dict[str, str]], dict[str, str]] | None = None,
+    ) -> None:
+        """`headers(path, forwarded)` may change the headers sent upstream (an older
+        release's authentication imitated by adding or dropping one)."""
         import uvicorn
 
         self.upstream = upstream
@@ -247,12 +254,16 @@ class ShimServer:
             if answer is not None:
                 self.refused.append(("/" + path, body))
                 return JSONResponse(answer[1], status_code=answer[0])
-            headers = {
-                k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")
+            forwarded = {
+                k.lower(): v
+                for k, v in request.headers.items()
+                if k.lower() in ("authorization", "content-type")
             }
+            if headers is not None:
+                forwarded = headers("/" + path, forwarded)
             async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
                 upstream_reply = await client.request(
-                    request.method, f"{self.upstream}/{path}", content=raw, headers=headers
+                    request.method, f"{self.upstream}/{path}", content=raw, headers=forwarded
                 )
             return Response(
                 upstream_reply.content,
