@@ -83,6 +83,19 @@ class FusionSettings(BaseModel):
     # (benchmarks/RESULTS.md).
     no_repeat_words: Annotated[int, Field(ge=0)] = 0
 
+    # Gated fusion: the lead member drafts each segment first, and a segment it is sure
+    # of (mean log-prob per token at least gate_logprob) is accepted without a round;
+    # otherwise the others draft too and everyone verifies, as in every round without
+    # gating. Fusion pays off where members disagree, which is a small share of the
+    # positions of an answer (SAFE, arXiv 2510.15346; GaC, arXiv 2406.12585).
+    # None: every round is fused (the paper's loop).
+    gate_logprob: Annotated[
+        float | None, Field(le=0.0, description="Lead's mean log-prob per token that skips a round.")
+    ] = None
+    # The member that drafts first under gating: a member name, or None for the member
+    # with the highest configured weight (the first listed among equals).
+    lead: str | None = None
+
     # SpecEM online weights
     lam: Annotated[float, Field(ge=0.0, description="Learning rate of online weights; 0 disables.")] = 1.0
     warm_weights: bool = False
@@ -292,6 +305,11 @@ class EnsembleConfig(BaseModel):
             raise ValueError(
                 "several drafters but no verifier: give at least one member the 'verify' role "
                 "so candidates can be ranked"
+            )
+        lead = self.fusion.lead
+        if lead is not None and lead not in [m.display_name for m in drafters]:
+            raise ValueError(
+                f"lead={lead!r} is not a drafting member; name one of {[m.display_name for m in drafters]}"
             )
         min_active = self.fusion.min_active
         # min_active caps exits, so the default (2) fits any ensemble, also after a
