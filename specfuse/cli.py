@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("rest", nargs=argparse.REMAINDER)
     mod.set_defaults(func=_models)
 
+    from specfuse import selection
+
+    selection.register(sub)
     try:
         from specfuse import devserver as serve
     except ImportError:  # the server extra is not installed

@@ -78,20 +78,12 @@ def score_response(prompt: Prompt, response: str) -> Score:
     per-instruction results for it, so we fill them in as failures to keep the
     instruction-level denominator the same for every mode).
     """
-    from if_verifiable import IFEvalSample, evaluate_output_for_sample
-    from langdetect import DetectorFactory
+    from specfuse.selection import ifeval_results
 
-    # The language checkers call langdetect, which samples at random: unseeded, the
-    # same answer passed in one report and failed in the next (3 of 150 cached answers).
-    DetectorFactory.seed = 0
-
-    sample = IFEvalSample(
-        key=prompt.key,  # type: ignore[arg-type]
-        prompt=prompt.prompt,
-        instruction_id_list=list(prompt.instruction_id_list),
-        kwargs=[dict(k) for k in prompt.kwargs],
+    row = {"key": prompt.key, "prompt": prompt.prompt}
+    results = ifeval_results(
+        row | {"instruction_id_list": prompt.instruction_id_list, "kwargs": prompt.kwargs}, response
     )
-    results, _ = evaluate_output_for_sample("ifeval", sample, response)
     if not results:
         n = len(prompt.instruction_id_list)
         return Score((False,) * n, (False,) * n)
