@@ -20,6 +20,7 @@ output directory as they come, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import hashlib
 import importlib
 import itertools
@@ -374,6 +375,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--self-copies", type=int, default=3, help="copies of a member in self-fusion (0: none)"
     )
     parser.add_argument("--out", type=Path, default=Path("specfuse-select"), help="where answers are kept")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="PATTERN",
+        help="measure only the configurations these shell patterns name (e.g. 'solo:*' 'gated:*')",
+    )
 
 
 def main_with(args: argparse.Namespace) -> int:
@@ -388,6 +395,10 @@ def main_with(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         seed=args.seed,
     )
+    if args.only:
+        configs = [c for c in configs if any(fnmatch.fnmatchcase(c.name, p) for p in args.only)]
+        if not any(c.kind == "solo" for c in configs):
+            raise ConfigError("--only must keep at least one member alone: the verdict compares with it")
     results = Results.load(args.out / "answers.jsonl")
     run(configs, rows, checker, results, start=args.start, progress=lambda line: print(line, file=sys.stderr))
     keys = [row_key(row, i) for i, row in enumerate(rows, args.start)]

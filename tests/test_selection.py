@@ -158,3 +158,9 @@ def test_the_command_measures_every_configuration_and_resumes(
     assert cli_main(argv) == 0
     assert len((tmp_path / "out" / "answers.jsonl").read_text().splitlines()) == 12
     assert capsys.readouterr().err == ""
+    # --only keeps the configurations it names (and refuses to drop every member alone).
+    assert cli_main([*argv, "--only", "solo:*", "gated:*"]) == 0
+    table = capsys.readouterr().out
+    assert "| gated:smollm2-135m+gemma3-270m | " in table and "| fuse:" not in table
+    assert cli_main([*argv, "--only", "gated:*"]) == 2
+    assert "at least one member alone" in capsys.readouterr().err
