@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 #: protocol -> (the imitation's model when no server is named, the env variable of its key)
@@ -24,6 +24,15 @@ PROTOCOLS = {
     "tgi": ("gemma3-270m", "HF_TOKEN"),
     "sglang": ("qwen2.5-coder-0.5b", "SGLANG_API_KEY"),
 }
+
+
+def cli(main: Callable[..., Any], doc: str) -> None:
+    """Run an example's main() on the servers its command line names (or on imitations)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args()
+    with members_from(args) as members:
+        main(members, max_tokens=args.max_tokens)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,10 +10,9 @@ loopback (that needs the full install, scripts/setup.sh; your servers need only
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
-from _remote import add_arguments, members_from
+from _remote import cli
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 
@@ -39,8 +38,4 @@ def main(members: list[dict[str, Any]], question: str = QUESTION, max_tokens: in
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args()
-    with members_from(args) as members:
-        main(members, max_tokens=args.max_tokens)
+    cli(main, __doc__)

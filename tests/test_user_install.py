@@ -28,6 +28,8 @@ from tests.remote_fixtures import ServerProcess
 from tests.vllm_server import (
     ENABLE_VAR,
     HUB_NAME,
+    SCALE_OUT_ARGS,
+    SLOW_CPU_ENV,
     ShimServer,
     VLLMServer,
     ensure_vllm_installed,
@@ -68,14 +70,8 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
     server = start_vllm(
         tmp_path_factory.mktemp("vllm-user") / "server.log",
         api_keys=(KEY,),
-        extra_args=(
-            "--enable-scale-out",
-            "--enable-prompt-tokens-details",
-            # No chunked prefill (see test_real_vllm_cost: the CPU build's engine crashes on it).
-            "--max-num-batched-tokens",
-            "8192",
-        ),
-        extra_env={"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"},
+        extra_args=SCALE_OUT_ARGS,
+        extra_env=SLOW_CPU_ENV,
     )
     try:
         yield server
