@@ -21,4 +21,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q ".[$extra]"
     echo "$want" > "$stamp"
 fi
+# pip builds in the tree: a stale build/ would still hold modules deleted since, and
+# install them, so the lean environment would not be what a clean checkout gives.
+rm -rf build
 "$VENV/bin/python" -m pip install -q --no-deps --force-reinstall .
