@@ -23,6 +23,7 @@ import argparse
 import fnmatch
 import hashlib
 import importlib
+import importlib.util
 import itertools
 import json
 import math
@@ -151,6 +152,11 @@ def ifeval_results(row: dict[str, Any], answer: str) -> list[Any]:
     # The language checks sample at random: unseeded, one answer passed in one run
     # and failed in the next.
     DetectorFactory.seed = 0
+    import nltk
+
+    cache = shipped_nltk_data()
+    if cache is not None and str(cache) not in nltk.data.path:
+        nltk.data.path.append(str(cache))
     sample = IFEvalSample(
         key=row["key"],
         prompt=row["prompt"],
@@ -159,6 +165,16 @@ def ifeval_results(row: dict[str, Any], answer: str) -> list[Any]:
     )
     results, _ = evaluate_output_for_sample("ifeval", sample, answer)
     return list(results)
+
+
+def shipped_nltk_data() -> Path | None:
+    """NLTK data that llama-index-core ships (punkt_tab, which IFEval's sentence checks
+    read), so nothing is downloaded; None without it."""
+    spec = importlib.util.find_spec("llama_index.core")
+    if spec is None or spec.origin is None:
+        return None
+    cache = Path(spec.origin).parent / "_static" / "nltk_cache"
+    return cache if cache.is_dir() else None
 
 
 # -- running ----------------------------------------------------------------------

@@ -7,6 +7,9 @@ the command runs end to end on two real local models and a user's checker.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,6 +113,24 @@ def test_checkers_load_and_fail_clearly() -> None:
         load_checker("has_a_digit")
     with pytest.raises(ConfigError, match="cannot load it"):
         load_checker("tests.test_selection:nothing_here")
+
+
+def test_the_ifeval_checker_counts_sentences_without_a_download() -> None:
+    """Sentence checks need NLTK's punkt_tab: the checker finds the copy llama-index-core
+    ships (a fresh process, so no earlier set-up of the harness helps it)."""
+    row = {"key": 1, "prompt": "Answer in at most two sentences."}
+    row |= {"instruction_id_list": ["length_constraints:number_sentences"]}
+    row |= {"kwargs": [{"relation": "less than", "num_sentences": 3}]}
+    script = (
+        "import json, sys; from specfuse.selection import ifeval_passes; "
+        "row = json.loads(sys.argv[1]); "
+        "print(ifeval_passes(row, 'One. Two.'), ifeval_passes(row, 'One. Two. Three. Four.'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NLTK_DATA"}
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(row)], capture_output=True, text=True, env=env, check=False
+    )
+    assert out.stdout.split() == ["True", "False"], out.stderr[-2000:]
 
 
 def test_the_ifeval_checker_agrees_with_the_harness() -> None:

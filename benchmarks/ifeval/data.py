@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -24,12 +23,11 @@ def setup_environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    spec = importlib.util.find_spec("llama_index.core")
-    if spec is None or spec.origin is None:
-        return
-    cache = Path(spec.origin).parent / "_static" / "nltk_cache"
+    from specfuse.selection import shipped_nltk_data
+
+    cache = shipped_nltk_data()
     current = [p for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p]
-    if cache.is_dir() and str(cache) not in current:
+    if cache is not None and str(cache) not in current:
         os.environ["NLTK_DATA"] = os.pathsep.join([*current, str(cache)])
 
 
