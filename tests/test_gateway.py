@@ -656,3 +656,16 @@ def test_member_failure_mid_answer_is_a_stream_error(
         p.set_rules()
     log = Path(remote.log).read_text(errors="replace")
     assert MEMBER_KEY not in log and KEY not in log
+
+
+def test_the_command_is_wired_into_the_cli() -> None:
+    from specfuse.cli import build_parser
+
+    args = build_parser().parse_args(["gateway", "ensemble.toml", "--port", "9000", "--max-concurrent", "4"])
+    assert (args.command, args.config, args.port, args.max_concurrent) == (
+        "gateway",
+        "ensemble.toml",
+        9000,
+        4,
+    )
+    assert args.host == "127.0.0.1"  # loopback unless told otherwise

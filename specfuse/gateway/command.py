@@ -76,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if logging.getLogger().level > logging.DEBUG:
+        # One line per member call would drown the gateway's own log; debug shows them.
+        for noisy in ("httpx", "httpx2", "httpcore", "httpcore2"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     app = create_app(engine, options)
     # The access log prints method, path and status only: never headers, so never a key.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
