@@ -229,6 +229,17 @@ def test_tool_call_non_streaming_and_streaming(client: openai.OpenAI) -> None:
     assert follow.choices[0].message.content or follow.choices[0].message.tool_calls
 
 
+def test_an_unreadable_call_stays_visible_as_content(client: openai.OpenAI) -> None:
+    # A call of a tool nobody offered has no OpenAI shape: the client must see what was written.
+    prompt = 'Reply with exactly: <tool_call>{"name": "launch_rocket", "arguments": {}}</tool_call>'
+    response = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], tools=[WEATHER], max_tokens=30
+    )
+    choice = response.choices[0]
+    assert not choice.message.tool_calls and choice.finish_reason != "tool_calls"
+    assert "launch_rocket" in (choice.message.content or "")
+
+
 @pytest.mark.parametrize("kind", ["json_object", "json_schema"])
 def test_response_format_returns_the_json_value(client: openai.OpenAI, kind: str) -> None:
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "hex": {"type": "string"}}}

@@ -42,8 +42,8 @@ from specfuse.gateway.schemas import (
     FunctionCall,
     ModelCard,
     ModelList,
+    SamplingRequest,
     ToolCallDelta,
-    _Sampling,
     new_id,
     now,
     unsupported_fields,
@@ -151,6 +151,9 @@ class Gateway:
             self.start_error = f"members did not answer their probes within {self.options.start_timeout}s"
         except SpecfuseError as exc:
             self.start_error = str(exc)  # core errors name members and endpoints, never keys
+        except ImportError as exc:
+            # "No module named ..." says what to install, and holds nothing secret.
+            self.start_error = f"a package the members need is missing: {exc}"
         except Exception as exc:
             self.start_error = f"{type(exc).__name__} while starting the members"
             log.exception("starting the members failed")
@@ -187,7 +190,7 @@ class Gateway:
         except ValidationError as exc:
             raise errors.from_validation(exc) from None
 
-    def check(self, request: _Sampling) -> None:
+    def check(self, request: SamplingRequest) -> None:
         if request.model != self.options.model_name:
             raise errors.unknown_model(request.model, self.options.model_name)
         refused = unsupported_fields(request)
@@ -227,7 +230,7 @@ class Gateway:
         self,
         request: Request,
         call: translate.CoreCall,
-        body: _Sampling,
+        body: SamplingRequest,
         endpoint: str,
         respond: Callable[[FusionResult], BaseModel],
         stream: Callable[[translate.CoreCall, Callable[[], None], float], AsyncIterator[str]],
@@ -334,8 +337,9 @@ class Gateway:
                     continue
                 parsed = call.plan.parse(result.text)
                 if call.parsed_output:
-                    if parsed.text:
-                        yield chunk(Delta(content=parsed.text))
+                    text = translate.content(parsed, result.text)
+                    if text:
+                        yield chunk(Delta(content=text))
                     calls = translate.tool_calls(parsed) or []
                     if calls:
                         deltas = [

@@ -62,7 +62,7 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class _Sampling(_Request):
+class SamplingRequest(_Request):
     """Fields both generation endpoints share."""
 
     model: str
@@ -95,7 +95,7 @@ class _Sampling(_Request):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[Tool] | None = None
@@ -104,14 +104,14 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = None
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str]
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
 
 
-def unsupported_fields(request: _Sampling) -> tuple[str, str] | None:
+def unsupported_fields(request: SamplingRequest) -> tuple[str, str] | None:
     """(param, message) for the first field set to something the fusion cannot do, else None."""
     if request.n is not None and request.n > 1:
         return "n", "n > 1 is not supported: the fused model returns one answer per request"

@@ -24,9 +24,9 @@ from specfuse.gateway.schemas import (
     ChatMessage,
     CompletionRequest,
     FunctionCall,
+    SamplingRequest,
     ToolCall,
     UsageInfo,
-    _Sampling,
 )
 from specfuse.prompts import FormattedPrompt, check_messages
 from specfuse.tool_calls import ParsedText, ToolPlan, decode_arguments
@@ -50,7 +50,7 @@ class CoreCall:
         return bool(self.plan.tools) or self.plan.json_output
 
 
-def _overrides(request: _Sampling, max_tokens: int | None) -> dict[str, Any]:
+def _overrides(request: SamplingRequest, max_tokens: int | None) -> dict[str, Any]:
     standard = {
         "temperature": request.temperature,
         "top_p": request.top_p,
@@ -172,12 +172,24 @@ def tool_calls(parsed: ParsedText) -> list[ToolCall] | None:
     ]
 
 
+def content(parsed: ParsedText, text: str) -> str | None:
+    """The message content: the prose around the calls found; None when calls are all there is.
+
+    A call written but unreadable (bad JSON, an unknown tool) has no OpenAI shape;
+    the whole answer is then the content, so the client sees what the model wrote
+    instead of an empty message.
+    """
+    if parsed.invalid and not parsed.calls:
+        return text
+    return parsed.text if parsed.text or not parsed.calls else None
+
+
 def chat_completion(
     call: CoreCall, result: FusionResult, model: str, response_id: str, created: int
 ) -> ChatCompletion:
     parsed = call.plan.parse(result.text)
     calls = tool_calls(parsed)
-    message = AssistantMessage(content=parsed.text if parsed.text or not calls else None, tool_calls=calls)
+    message = AssistantMessage(content=content(parsed, result.text), tool_calls=calls)
     return ChatCompletion(
         id=response_id,
         created=created,
