@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--start-timeout", type=float, default=600.0, help="seconds the members get to answer their probes"
     )
+    parser.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds open streams get to finish before they are cut (default 30)",
+    )
     parser.add_argument("--log-level", default="info")
 
 
@@ -82,7 +88,14 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     app = create_app(engine, options)
     # The access log prints method, path and status only: never headers, so never a key.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    # SIGTERM (a rolling update) stops new connections at once and lets answers in flight end.
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.graceful_timeout,
+    )
     return 0
 
 
