@@ -633,7 +633,9 @@ class SpecFuse:
 
         # A gated round has no verdict on the others: it is no evidence for an exit.
         if settings.model_exit and not solo and not record.gated and record.index >= settings.exit_warmup:
-            record.exits = self._exits(request, [m.name for m in drafters])
+            # The lead never exits: it was chosen as the strongest member, and without it
+            # no later segment could be gated (on IFEval it left one answer in 50).
+            record.exits = [m for m in self._exits(request, [d.name for d in drafters]) if m != request.lead]
             request.active = [m for m in request.active if m.name not in record.exits]
         self._drop_failing(request, record)
 

@@ -403,3 +403,19 @@ async def test_a_lead_without_token_log_probs_is_never_trusted() -> None:
     result = await fuse_of(a, b, max_tokens=2, gate_logprob=-5.0).agenerate("hi")
     record = result.trace.rounds[0]
     assert record.gated is False and record.gate_reason == "lead a reported no token log-probs"
+
+
+async def test_the_lead_never_exits() -> None:
+    """Verifiers that rate the lead's hesitant drafts lowest would exit it; it stays."""
+    log: list = []
+    table = {"A": -3.0, "B": -1.0, "C": -1.2}
+    members = [TableBackend(n, [n.upper()], table, log) for n in "abc"]
+    settings = {"max_tokens": 20, "model_exit": True, "exit_warmup": 2, "exit_patience": 2, "lam": 0}
+    ungated = await fuse_of(*members, **settings).agenerate("hi")
+    assert [m for r in ungated.trace.rounds for m in r.exits] == ["a"]
+    for m in members:
+        m.rounds = 0
+    # TableBackend drafts report no log-probs, so every round is fused: only the lead differs.
+    gated = await fuse_of(*members, **settings, gate_logprob=-0.5, lead="a").agenerate("hi")
+    assert all(r.gated is False for r in gated.trace.rounds)
+    assert "a" not in [m for r in gated.trace.rounds for m in r.exits]
