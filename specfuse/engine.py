@@ -47,6 +47,7 @@ from specfuse.errors import (
     CapabilityError,
     ConfigError,
     ContextWindowError,
+    RetryableError,
     SpecfuseError,
 )
 from specfuse.prompts import (
@@ -172,6 +173,8 @@ class SpecFuse:
 
             self._backends = {m.display_name: create_backend(m) for m in config.members}
         self._start_lock: asyncio.Lock | None = None
+        #: Members probed so far (all of them once `_members` is set).
+        self._ready: dict[str, Member] = {}
         self._warm_weights: dict[str, float] | None = None
         self._loop_thread = LoopThread()
         self._usable_window: int | None = None
@@ -215,21 +218,76 @@ class SpecFuse:
         return [m.display_name for m in self.config.members]
 
     async def astart(self, on_ready: Callable[[str, float], None] | None = None) -> list[Member]:
-        """Load or probe every member once; later calls return at once.
+        """Load or probe every member; the members that are ready.
 
-        on_ready(member name, seconds) is called as each member becomes ready.
+        on_ready(member name, seconds) is called as each member becomes ready. A
+        member that cannot be reached (down, hanging or overloaded past its retry
+        budget) is left out and probed again by the next call; only when the rest
+        cannot fuse (no drafter, or several drafters and no verifier) does this
+        raise AllMembersFailedError, naming every unreachable member. Once every
+        member is ready, later calls return at once.
+        """
+        members, _ = await self._start(on_ready, None)
+        return members
+
+    async def _start(
+        self, on_ready: Callable[[str, float], None] | None, deadline_at: float | None
+    ) -> tuple[list[Member], dict[str, str]]:
+        """(ready members in config order, {unreachable member: why}) for one request.
+
+        `deadline_at` (perf_counter time) bounds the probes: a member not ready by
+        then counts as unreachable for this request. Any other failure (a wrong
+        model name, a server that cannot score for a verifier) is the user's to
+        fix and is raised as it is.
         """
         if self._members is not None:
-            return self._members
+            return self._members, {}
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
+        assert self.config is not None
+        left_out: dict[str, str] = {}
         async with self._start_lock:
-            if self._members is None:
-                assert self.config is not None
-                self._members = list(
-                    await asyncio.gather(*(self._prepare(m, on_ready) for m in self.config.members))
-                )
-        return self._members
+            missing = [m for m in self.config.members if m.display_name not in self._ready]
+            results = await asyncio.gather(
+                *(self._prepare_by(m, on_ready, deadline_at) for m in missing), return_exceptions=True
+            )
+            errors: list[BaseException] = []
+            for config, outcome in zip(missing, results, strict=True):
+                if isinstance(outcome, Member):
+                    self._ready[config.display_name] = outcome
+                elif isinstance(outcome, RetryableError | TimeoutError):
+                    left_out[config.display_name] = _describe(outcome) or "no answer before the deadline"
+                else:
+                    errors.append(outcome)
+            ready = [
+                self._ready[m.display_name] for m in self.config.members if m.display_name in self._ready
+            ]
+            if errors:
+                raise errors[0]
+            if not left_out:
+                self._members = ready
+        problem = _cannot_fuse(ready)
+        if problem is not None:
+            unreachable = "; ".join(f"{name!r}: {why}" for name, why in left_out.items())
+            raise AllMembersFailedError(
+                f"{problem}: {len(left_out)} member(s) could not be reached at start ({unreachable})"
+            )
+        return ready, left_out
+
+    async def _prepare_by(
+        self, config: MemberConfig, on_ready: Callable[[str, float], None] | None, deadline_at: float | None
+    ) -> Member:
+        """_prepare, given up at `deadline_at` (a request's deadline covers its members' probes)."""
+        if deadline_at is None:
+            return await self._prepare(config, on_ready)
+        left = deadline_at - time.perf_counter()
+        try:
+            async with asyncio.timeout(max(0.0, left)):
+                return await self._prepare(config, on_ready)
+        except TimeoutError:
+            raise TimeoutError(
+                f"not ready within the request deadline ({self.settings.request_deadline} s)"
+            ) from None
 
     async def _prepare(self, config: MemberConfig, on_ready: Callable[[str, float], None] | None) -> Member:
         backend = self._backends[config.display_name]
@@ -267,8 +325,11 @@ class SpecFuse:
         )
 
     async def aclose(self) -> None:
-        for member in self._members or []:
-            await member.backend.aclose()
+        # Every backend, also those of members that never became ready (a probe may have
+        # opened a client before its server stopped answering).
+        backends = [*self._backends.values(), *(m.backend for m in self._members or [])]
+        for backend in {id(b): b for b in backends}.values():
+            await backend.aclose()
 
     # -- the public API -------------------------------------------------------
 
@@ -281,13 +342,25 @@ class SpecFuse:
     ) -> AsyncIterator[Segment]:
         """Yield accepted segments as they are chosen; the last carries the result."""
         settings = self.settings.with_overrides(**overrides)
-        members = await self.astart()
+        started = time.perf_counter()
+        # request_deadline bounds the whole answer, the members' probes at start included.
+        deadline_at = started + settings.request_deadline if settings.request_deadline else None
         prompt = messages if isinstance(messages, FormattedPrompt) else _as_messages(messages)
+        if isinstance(prompt, list):
+            check_messages(prompt)  # bad input fails before any member is probed
+        members, left_out = await self._start(None, deadline_at)
         request = await self._begin(prompt, tools, settings, members)
+        request.started = started
+        request.trace.left_out = left_out
         emitted = 0
+        record: RoundRecord | None = None
         try:
             while True:
-                record = await self._round(request)
+                try:
+                    record = await self._round(request)
+                except _OutOfTime:
+                    result = self._result(request, "deadline")
+                    break
                 cut = self._cut_at_stop(request, record)
                 finish = "stop" if cut else self._finish_reason(request, record)
                 deadline = request.settings.request_deadline
@@ -315,7 +388,8 @@ class SpecFuse:
         # Outside the try: a caller that stops reading at the last segment (agenerate,
         # a LangChain or LlamaIndex consumer) closes the generator here, and that must
         # not turn a finished response into a cancelled one.
-        yield Segment(request.fused[emitted:], record.winner, record.index, result)
+        last = (record.winner, record.index) if record is not None else (None, 0)
+        yield Segment(request.fused[emitted:], *last, result)
 
     async def agenerate(
         self,
@@ -394,15 +468,18 @@ class SpecFuse:
         """Whether every member is loaded or probed (by start(), or by the first call)."""
         return self._members is not None
 
-    async def ausable_window(self) -> int | None:
+    async def ausable_window(self, timeout: float | None = None) -> int | None:
         """Tokens a request may use for prompt and answer together; None if no member says.
 
         The smallest member window less that member's chat-template overhead
         (an empty user turn, rendered and counted by the member itself) and
-        :data:`WINDOW_MARGIN`. Starts the members if needed; measured once.
+        :data:`WINDOW_MARGIN`. Starts the members if needed, within `timeout`
+        seconds (default: the request_deadline setting; a member not ready by then
+        is left out of the measure); measured once every member is ready.
         """
         if self._usable_window is None:
-            members = await self.astart()
+            timeout = timeout if timeout is not None else self.settings.request_deadline
+            members, _ = await self._start(None, time.perf_counter() + timeout if timeout else None)
             probe: list[Message] = [{"role": "user", "content": ""}]
             rooms = []
             for member in members:
@@ -410,10 +487,13 @@ class SpecFuse:
                     continue
                 overhead = await member.backend.count_tokens(await member.format.render(probe, None))
                 rooms.append(member.info.context_window - overhead - WINDOW_MARGIN)
-            self._usable_window = max(1, min(rooms)) if rooms else 0
+            window = max(1, min(rooms)) if rooms else 0
+            if not self.started:  # measured without an unreachable member: measure again next time
+                return window or None
+            self._usable_window = window
         return self._usable_window or None
 
-    def usable_window(self, *, measure: bool = True) -> int | None:
+    def usable_window(self, *, measure: bool = True, timeout: float | None = None) -> int | None:
         """Blocking ausable_window(); with measure=False it never loads or probes a member.
 
         Unmeasured, the window is estimated from the offline model store (local
@@ -421,7 +501,7 @@ class SpecFuse:
         window is unknown until it is probed.
         """
         if self._usable_window is not None or measure:
-            return self._loop_thread.run(self.ausable_window())
+            return self._loop_thread.run(self.ausable_window(timeout))
         return _estimated_window(self.config.members if self.config else ())
 
     # -- token counts ----------------------------------------------------------
@@ -599,6 +679,8 @@ class SpecFuse:
             request, record, drafters, [] if solo else verifiers, segment_tokens
         )
         if not drafts:
+            if _past(request):
+                raise _OutOfTime
             errors = "; ".join(f"{c.member}: {c.error}" for c in record.calls if c.error)
             raise AllMembersFailedError(f"every drafter failed in round {record.index}: {errors}")
 
@@ -746,7 +828,11 @@ class SpecFuse:
             )
             for d in drafters
         ]
-        await _gather_by_deadline(chains, lane_tasks, lanes, request.settings.round_deadline)
+        limits = [request.settings.round_deadline] if request.settings.round_deadline else []
+        if request.settings.request_deadline is not None:
+            # The request's deadline cuts a round too: calls in flight are not waited for.
+            limits.append(max(0.0, request.started + request.settings.request_deadline - time.perf_counter()))
+        await _gather_by_deadline(chains, lane_tasks, lanes, min(limits) if limits else None)
         for end in state.ended.values():
             record.critical_path = max(record.critical_path, end - started)
         late = {d.name for d in drafters} - set(state.drafts) - {c.member for c in record.calls if c.error}
@@ -994,6 +1080,25 @@ class _ScoreLane:
         for text, marker_tokens, future in batch:
             if not future.done():
                 future.set_result(scoring.candidate_score(by_text[text].token_logprobs, marker_tokens))
+
+
+class _OutOfTime(Exception):
+    """The request deadline passed before any draft of a round arrived."""
+
+
+def _past(request: _Request) -> bool:
+    deadline = request.settings.request_deadline
+    return deadline is not None and time.perf_counter() - request.started >= deadline
+
+
+def _cannot_fuse(members: Sequence[Member]) -> str | None:
+    """Why these members cannot answer together (None when they can); as EnsembleConfig checks."""
+    drafters = [m for m in members if m.drafts]
+    if not drafters:
+        return "no drafting member is left"
+    if len(drafters) > 1 and not any(m.verifies for m in members):
+        return "several drafters but no verifier is left"
+    return None
 
 
 def _as_messages(messages: str | Sequence[Message]) -> list[Message]:

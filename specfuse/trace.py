@@ -105,6 +105,9 @@ class FusionTrace:
     total_time: float = 0.0
     finish_reason: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
+    #: Members that could not be reached when the request started, and why; they
+    #: sat this request out and are probed again by the next (docs/design.md, "Reliability").
+    left_out: dict[str, str] = field(default_factory=dict)
 
     # -- summaries ---------------------------------------------------------
 
@@ -184,6 +187,7 @@ class FusionTrace:
             "prompt_tokens_computed": sum(s.prompt_tokens_computed for s in members.values()),
             "prompt_tokens_unmetered": sum(s.prompt_tokens_unmetered for s in members.values()),
             "exits": {m: s.exited_at_round for m, s in members.items() if s.exited_at_round},
+            "left_out": dict(self.left_out),
             "members": {m: asdict(s) for m, s in members.items()},
         }
 

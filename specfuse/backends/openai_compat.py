@@ -57,7 +57,7 @@ from specfuse.backends.base import (
     ServerUsage,
 )
 from specfuse.config import MemberConfig
-from specfuse.errors import BackendError, CapabilityError
+from specfuse.errors import BackendError, CapabilityError, ConfigError
 
 #: vLLM's token-in route, served when it is started with --enable-scale-out
 #: (vllm/entrypoints/scale_out/token_in_token_out/api_router.py).
@@ -139,7 +139,7 @@ class VLLMBackend(RemoteBackend):
 
     @property
     def _served_model(self) -> str:
-        return self._info.model_id if self._info is not None else self.model
+        return self._info.model_id if self._info is not None else self.served_model
 
     async def _post(self, url: str, path: str, payload: dict[str, Any] | None, method: str = "POST") -> Any:
         try:
@@ -156,9 +156,8 @@ class VLLMBackend(RemoteBackend):
         data = await self.call(
             "GET /v1/models", lambda url: self._post(url, "/v1/models", None, method="GET")
         )
-        models = data.get("data") or []
-        entry = next((m for m in models if m.get("id") == self.model), models[0] if models else {})
-        model_id = str(entry.get("id") or self.model)
+        entry = self._served_entry(data.get("data") or [])
+        model_id = str(entry.get("id") or self.served_model)
         cannot_score, prompt_tokens = await self._probe_scoring(model_id)
         bos = await self._special_prefix(model_id, prompt_tokens)
         extras = await asyncio.to_thread(self.text_extras)
@@ -187,6 +186,27 @@ class VLLMBackend(RemoteBackend):
             extra=extra,
         )
         return self._info
+
+    def _served_entry(self, models: list[dict[str, Any]]) -> dict[str, Any]:
+        """The /v1/models entry of the model this member names; a ConfigError when it is not served.
+
+        vLLM answers a request for a name it does not serve with 404; falling back
+        to the server's first model instead once let a typo in a model id answer,
+        silently, with another model.
+        """
+        entry = next((m for m in models if m.get("id") == self.served_model), None)
+        if entry is not None:
+            return entry
+        served = [str(m.get("id")) for m in models if m.get("id")]
+        asked = (
+            f"served_model={self.served_model!r}"
+            if self.served_model != self.model
+            else f"model={self.model!r}"
+        )
+        raise ConfigError(
+            f"member {self.member_name!r}: {self.endpoint} serves {served}, not {asked}; set model= "
+            "to one of them, or served_model= to the served name when model names a local tokenizer"
+        )
 
     async def _probe_scoring(self, model_id: str) -> tuple[str, int | None]:
         """('' or why the server cannot score, in its words; the probe's prompt token count).
