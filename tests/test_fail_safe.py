@@ -349,3 +349,41 @@ def test_max_retries_is_honoured_by_both_adapters(fault_server: Any, retries: in
             PROMPT
         )
     assert len(fault.seen) == retries + 1
+
+
+# -- 7. server cost in every view ----------------------------------------------------------
+
+
+def test_server_cost_is_recorded_for_drafts_and_shown_in_every_view(
+    served: ServerProcess, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import re
+
+    from specfuse.cli import main
+    from specfuse.trace import server_cost
+
+    # Drafts on vLLM's default path (no --enable-prompt-tokens-details) report prompt
+    # tokens but not their cache use: recorded as unmetered, not as "no cost".
+    fuse = SpecFuse.from_members([member(served.url, name="solo", api_key=KEY)], **SHORT)
+    try:
+        result = fuse.generate(PROMPT)
+    finally:
+        fuse.close()
+    drafts = [c for r in result.trace.rounds for c in r.calls if c.kind == "draft"]
+    assert drafts and all(c.server_prompt_tokens and c.prompt_tokens_unmetered > 0 for c in drafts)
+    summary = result.trace.summary()
+    assert summary["members"]["solo"]["calls_without_cost"] == 0 and summary["prompt_tokens_unmetered"] > 0
+    html = result.trace.to_html()
+    assert "<th>prompt tokens computed</th>" in html
+    assert f"<td>{server_cost(summary['members']['solo'])}</td>" in html
+    assert f"server prompt tokens computed: {server_cost(summary)}" in html
+
+    path = tmp_path / "ensemble.toml"
+    path.write_text(f'[[members]]\nmodel = "{MODEL}"\nbackend = "vllm"\nurls = ["{served.url}"]\n')
+    monkeypatch.setenv("SPECFUSE_API_KEY", KEY)
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["generate", PROMPT, "--config", str(path), "--max-tokens", "4", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "prompt computed" in err and re.search(
+        r"server prompt tokens computed: 0 \+ up to \d+ unmetered", err
+    )

@@ -82,6 +82,26 @@ def reported_cached_tokens(data: dict[str, Any]) -> int | None:
     return int(value) if value is not None else None
 
 
+def draft_usage(data: dict[str, Any]) -> ServerUsage | None:
+    """What a draft cost the server, from a /v1/completions answer (None without `usage`).
+
+    With --enable-prompt-tokens-details vLLM says how much of the prompt it read
+    from its prefix cache, and the rest is what it computed. Without it (the
+    default) only `prompt_tokens` is known: the server computed between none of
+    them (all cached) and all of them, so they are counted as unmetered, the
+    trace's bound for a cost the server did not report exactly, instead of the
+    draft recording no cost at all.
+    """
+    usage = data.get("usage") or {}
+    if not usage:
+        return None
+    prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    cached = reported_cached_tokens(data)
+    if cached is None:
+        return ServerUsage(prompt_tokens=prompt_tokens, cached_tokens=0, unmetered_tokens=prompt_tokens)
+    return ServerUsage(prompt_tokens=prompt_tokens, cached_tokens=cached)
+
+
 def valid_from(cached_tokens: int) -> int:
     """First prompt position whose log-prob the server computed, given its cached-token count.
 
@@ -441,18 +461,12 @@ class VLLMBackend(RemoteBackend):
         else:
             finish = "length"
         count = len(lps) if lps else int((data.get("usage") or {}).get("completion_tokens") or 0)
-        usage = data.get("usage") or {}
         return Draft(
             text=text.rstrip("\ufffd"),
             token_count=count,
             finish_reason=finish,
             token_logprobs=tuple(lps),
-            usage=ServerUsage(
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                cached_tokens=reported_cached_tokens(data),
-            )
-            if usage
-            else None,
+            usage=draft_usage(data),
         )
 
     async def score(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
