@@ -264,7 +264,7 @@ async def with_retries(
                 except (httpx.TimeoutException, TimeoutError) as exc:
                     pool.mark_down(url)
                     after = (
-                        f" after {limit:g} s" if isinstance(exc, TimeoutError) and limit is not None else ""
+                        f" after {limit:.3g} s" if isinstance(exc, TimeoutError) and limit is not None else ""
                     )
                     raise RetryableError(f"{what} timed out{after}: {type(exc).__name__}") from None
                 except (httpx.TransportError, OSError) as exc:
