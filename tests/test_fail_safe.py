@@ -109,6 +109,22 @@ def test_served_model_maps_a_local_tokenizer_to_the_served_name(served: ServerPr
     assert result.text and ready.info.model_id == MODEL
 
 
+def test_sglang_applies_the_same_rule() -> None:
+    from specfuse.models import resolve_model_path
+
+    server = ServerProcess(MODEL, "sglang").start()
+    try:
+        server.wait_healthy()
+        typo = MemberConfig(model="meta-llama/Llama-3-8B", backend="sglang", urls=[server.url])
+        with pytest.raises(ConfigError, match=rf"serves \['{MODEL}'\], not model='meta-llama/Llama-3-8B'"):
+            asyncio.run(create_backend(typo).info())
+        local_dir = str(resolve_model_path(MODEL))
+        mapped = MemberConfig(model=local_dir, served_model=MODEL, backend="sglang", urls=[server.url])
+        assert asyncio.run(create_backend(mapped).info()).model_id == MODEL
+    finally:
+        server.stop()
+
+
 # -- 2. time bounds ------------------------------------------------------------------------
 
 

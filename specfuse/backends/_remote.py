@@ -133,6 +133,24 @@ class RemoteBackend(Backend):
                 raise result
         return [r for r, _ in pairs]  # type: ignore[misc]
 
+    def refuse_unserved(self, served: Sequence[str]) -> None:
+        """A ConfigError when the server's models do not include the one this member names.
+
+        Without it a typo in a model id was answered, silently, by whatever model
+        the server had (docs/design.md, "Reliability", the served model).
+        """
+        if self.served_model in served:
+            return
+        asked = (
+            f"served_model={self.served_model!r}"
+            if self.served_model != self.model
+            else f"model={self.model!r}"
+        )
+        raise ConfigError(
+            f"member {self.member_name!r}: {self.endpoint} serves {list(served)}, not {asked}; set model= "
+            "to one of them, or served_model= to the served name when model names a local tokenizer"
+        )
+
     # -- prompts ----------------------------------------------------------------------
 
     def local_tokenizer(self) -> Any:

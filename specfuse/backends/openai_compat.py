@@ -57,7 +57,7 @@ from specfuse.backends.base import (
     ServerUsage,
 )
 from specfuse.config import MemberConfig
-from specfuse.errors import BackendError, CapabilityError, ConfigError
+from specfuse.errors import BackendError, CapabilityError
 
 #: vLLM's token-in route, served when it is started with --enable-scale-out
 #: (vllm/entrypoints/scale_out/token_in_token_out/api_router.py).
@@ -215,18 +215,10 @@ class VLLMBackend(RemoteBackend):
         silently, with another model.
         """
         entry = next((m for m in models if m.get("id") == self.served_model), None)
-        if entry is not None:
-            return entry
-        served = [str(m.get("id")) for m in models if m.get("id")]
-        asked = (
-            f"served_model={self.served_model!r}"
-            if self.served_model != self.model
-            else f"model={self.model!r}"
-        )
-        raise ConfigError(
-            f"member {self.member_name!r}: {self.endpoint} serves {served}, not {asked}; set model= "
-            "to one of them, or served_model= to the served name when model names a local tokenizer"
-        )
+        if entry is None:
+            self.refuse_unserved([str(m.get("id")) for m in models if m.get("id")])
+        assert entry is not None
+        return entry
 
     async def _probe_scoring(self, model_id: str) -> tuple[str, int | None]:
         """('' or why the server cannot score, in its words; the probe's prompt token count).
