@@ -356,11 +356,11 @@ class SpecFuse:
         record: RoundRecord | None = None
         try:
             while True:
-                try:
-                    record = await self._round(request)
-                except _OutOfTime:
+                played = await self._round(request)
+                if played is None:  # the request deadline passed before any draft of the round
                     result = self._result(request, "deadline")
                     break
+                record = played
                 cut = self._cut_at_stop(request, record)
                 finish = "stop" if cut else self._finish_reason(request, record)
                 deadline = request.settings.request_deadline
@@ -665,7 +665,8 @@ class SpecFuse:
 
     # -- one round ------------------------------------------------------------
 
-    async def _round(self, request: _Request) -> RoundRecord:
+    async def _round(self, request: _Request) -> RoundRecord | None:
+        """One round, recorded in the trace; None when the request deadline cut it before any draft."""
         settings = request.settings
         record = RoundRecord(index=len(request.trace.rounds) + 1)
         started = time.perf_counter()
@@ -680,7 +681,7 @@ class SpecFuse:
         )
         if not drafts:
             if _past(request):
-                raise _OutOfTime
+                return None
             errors = "; ".join(f"{c.member}: {c.error}" for c in record.calls if c.error)
             raise AllMembersFailedError(f"every drafter failed in round {record.index}: {errors}")
 
@@ -1080,10 +1081,6 @@ class _ScoreLane:
         for text, marker_tokens, future in batch:
             if not future.done():
                 future.set_result(scoring.candidate_score(by_text[text].token_logprobs, marker_tokens))
-
-
-class _OutOfTime(Exception):
-    """The request deadline passed before any draft of a round arrived."""
 
 
 def _past(request: _Request) -> bool:
