@@ -349,7 +349,7 @@ class SpecFuse:
         if isinstance(prompt, list):
             check_messages(prompt)  # bad input fails before any member is probed
         members, left_out = await self._start(None, deadline_at)
-        request = await self._begin(prompt, tools, settings, members)
+        request = await self._begin_by(prompt, tools, settings, members, deadline_at)
         request.started = started
         request.trace.left_out = left_out
         emitted = 0
@@ -545,6 +545,30 @@ class SpecFuse:
         return self._loop_thread.run(self.acount_prompt_tokens(messages, tools=tools))
 
     # -- one request ---------------------------------------------------------
+
+    async def _begin_by(
+        self,
+        messages: list[Message] | FormattedPrompt,
+        tools: Sequence[dict[str, Any]] | None,
+        settings: FusionSettings,
+        members: list[Member],
+        deadline_at: float | None,
+    ) -> _Request:
+        """_begin within the request deadline: members render and count the prompt on their
+        servers, and a member that stops answering there must not hold the request up."""
+        if deadline_at is None:
+            return await self._begin(messages, tools, settings, members)
+        limit = asyncio.timeout(max(0.0, deadline_at - time.perf_counter()))
+        try:
+            async with limit:
+                return await self._begin(messages, tools, settings, members)
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            raise AllMembersFailedError(
+                f"the request deadline ({settings.request_deadline} s) passed while the members "
+                f"{[m.name for m in members]} rendered and counted the prompt"
+            ) from None
 
     async def _begin(
         self,

@@ -195,6 +195,21 @@ def test_the_request_deadline_ends_an_answer_whose_member_hangs_mid_answer(serve
     assert result.finish_reason == "deadline" and elapsed < 3.0
 
 
+def test_the_request_deadline_bounds_reading_the_prompt(served: ServerProcess) -> None:
+    with FaultProxy(served.url) as proxy:
+        fuse = SpecFuse.from_members([member(proxy.url, name="stalls", api_key=KEY)], **SHORT)
+        try:
+            fuse.start()
+            # After the probe, the member's server stops answering /tokenize (prompt counting).
+            proxy.set_rules(Rule("hang", paths=("/tokenize",)))
+            error, elapsed = timed(lambda: fuse.generate(PROMPT, request_deadline=1.0))
+        finally:
+            proxy.set_rules()
+            fuse.close()
+    assert isinstance(error, AllMembersFailedError) and "request deadline" in str(error)
+    assert elapsed < 3.0
+
+
 def test_a_slow_server_within_the_timeout_works_and_beyond_it_is_given_up(served: ServerProcess) -> None:
     with FaultProxy(served.url) as proxy:
         proxy.set_rules(Rule("slow", paths=("/v1/models",), delay=0.5))
