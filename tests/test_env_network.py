@@ -126,7 +126,14 @@ def draft(protocol: str, url: str, **fields: Any) -> Any:
         model="m", name="via-env", backend=protocol, urls=[url], timeout=5, retries=0, **fields
     )
     backend = create_backend(member)
-    return asyncio.run(backend.draft("Hello", max_tokens=1, sampling=Sampling(temperature=0)))
+
+    async def one() -> Any:
+        try:
+            return await backend.draft("Hello", max_tokens=1, sampling=Sampling(temperature=0))
+        finally:
+            await backend.aclose()  # no connection left open for the server to wait out
+
+    return asyncio.run(one())
 
 
 @pytest.fixture
