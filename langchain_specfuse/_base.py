@@ -128,8 +128,10 @@ class SpecFuseParams(BaseModel):
 
     @model_validator(mode="after")
     def _check_fusion(self) -> SpecFuseParams:
-        # Validate early, so a typo fails at construction rather than on first call.
+        # Validate early, so a typo (or a member this environment cannot run) fails at
+        # construction rather than on the first call.
         FusionSettings().with_overrides(**self._overrides(None, {}))
+        self.ensemble_config()
         return self
 
     # -- construction and LangChain plumbing shared by both models -----------

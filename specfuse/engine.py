@@ -4,8 +4,7 @@ One round:
 
 1. Draft.      Every active drafter continues `prompt_m + fused` by a short segment.
 2. Verify.     Every active verifier scores every candidate by its prompt
-               log-probs; a candidate's verification starts as soon as that
-               candidate exists (pipelining).
+               log-probs, all of them in one call once the drafts are in.
 3. Normalise.  p_v = softmax over the candidates v scored.
 4. Aggregate.  S(c) = weighted mean of p_v(c); identical candidates pool
                their support; the winner is argmax.
@@ -14,7 +13,10 @@ One round:
                sequence or any member's turn marker appears in the fused
                text, or the caller cancels.
 
-Online weights (SpecEM) and model exit run between rounds. The math lives in
+With gating (``gate_logprob``) the lead member drafts first and a segment it is
+sure of is accepted without steps 2-4: the others draft and everyone verifies
+only where the lead hesitates. Online weights (SpecEM) and model exit run
+between rounds. The math lives in
 :mod:`specfuse.scoring`; this module only orchestrates calls and records the
 trace.
 """
@@ -43,7 +45,6 @@ from specfuse.backends.base import (
 from specfuse.config import EnsembleConfig, FusionSettings, MemberConfig
 from specfuse.errors import (
     AllMembersFailedError,
-    BackendError,
     CapabilityError,
     ConfigError,
     ContextWindowError,
@@ -144,6 +145,8 @@ class _Request:
     failures: dict[str, int] = field(default_factory=dict)
     #: Aggregated S per candidate member of each verified round (the exit rule's evidence).
     history: list[dict[str, float]] = field(default_factory=list)
+    #: The member that drafts first under gating (``gate_logprob``); None when gating is off.
+    lead: str | None = None
 
 
 class SpecFuse:
@@ -209,6 +212,18 @@ class SpecFuse:
     @classmethod
     def from_file(cls, path: str) -> SpecFuse:
         return cls(EnsembleConfig.from_file(path))
+
+    def _check_lead(self, settings: FusionSettings) -> None:
+        """A lead (a request may name one) must be a drafting member of this ensemble."""
+        if settings.lead is None:
+            return
+        if self._members is not None:
+            drafters = [m.name for m in self._members if m.drafts]
+        else:
+            assert self.config is not None
+            drafters = [m.display_name for m in self.config.members if "draft" in m.roles]
+        if settings.lead not in drafters:
+            raise ConfigError(f"lead={settings.lead!r} is not a drafting member; name one of {drafters}")
 
     @property
     def member_names(self) -> list[str]:
@@ -348,6 +363,7 @@ class SpecFuse:
         prompt = messages if isinstance(messages, FormattedPrompt) else _as_messages(messages)
         if isinstance(prompt, list):
             check_messages(prompt)  # bad input fails before any member is probed
+        self._check_lead(settings)
         members, left_out = await self._start(None, deadline_at)
         request = await self._begin_by(prompt, tools, settings, members, deadline_at)
         request.started = started
@@ -617,6 +633,7 @@ class SpecFuse:
             seed=seed,
             stops=_all_stops(settings.stop, members),
             max_tokens=min([settings.max_tokens, *room]),
+            lead=_lead(settings, members),
         )
 
     @staticmethod
@@ -700,9 +717,16 @@ class SpecFuse:
         remaining = request.max_tokens - request.tokens_used
         segment_tokens = min(settings.solo_segment_tokens if solo else settings.segment_tokens, remaining)
 
-        drafts, scores = await self._draft_and_verify(
-            request, record, drafters, [] if solo else verifiers, segment_tokens
-        )
+        drafts: dict[str, Draft] = {}
+        lead = next((m for m in drafters if m.name == request.lead), None)
+        if lead is not None and not solo:
+            drafts, record.gated, record.gate_reason = await self._gate(request, record, lead, segment_tokens)
+        if record.gated:
+            scores: dict[str, dict[str, float]] = {}
+        else:
+            drafts, scores = await self._draft_and_verify(
+                request, record, drafters, [] if solo else verifiers, segment_tokens, drafts
+            )
         if not drafts:
             if _past(request):
                 return None
@@ -715,8 +739,8 @@ class SpecFuse:
             for m, d in sorted(drafts.items(), key=lambda kv: order.index(kv[0]))
         ]
         record.weights_before = dict(request.weights)
-        record.skipped_verification = solo
-        if solo or not scores:
+        record.skipped_verification = solo or bool(record.gated)
+        if record.skipped_verification or not scores:
             winner = record.candidates[0].member
             record.aggregated = {winner: 1.0}
         else:
@@ -727,14 +751,41 @@ class SpecFuse:
         request.fused += drafts[winner].text
         request.tokens_used += drafts[winner].token_count
 
-        if settings.model_exit and not solo and record.index >= settings.exit_warmup:
-            record.exits = self._exits(request, [m.name for m in drafters])
+        # A gated round has no verdict on the others: it is no evidence for an exit.
+        if settings.model_exit and not solo and not record.gated and record.index >= settings.exit_warmup:
+            # The lead never exits: it was chosen as the strongest member, and without it
+            # no later segment could be gated (on IFEval it left one answer in 50).
+            record.exits = [m for m in self._exits(request, [d.name for d in drafters]) if m != request.lead]
             request.active = [m for m in request.active if m.name not in record.exits]
         self._drop_failing(request, record)
 
         record.wall_time = time.perf_counter() - started
         request.trace.rounds.append(record)
         return record
+
+    async def _gate(
+        self, request: _Request, record: RoundRecord, lead: Member, segment_tokens: int
+    ) -> tuple[dict[str, Draft], bool, str]:
+        """The lead drafts alone first; its segment is accepted as is when the lead is sure of it.
+
+        Returns the lead's draft (kept as its candidate when a round follows),
+        whether the round is gated, and why, with the numbers.
+        """
+        threshold = request.settings.gate_logprob
+        assert threshold is not None  # a lead is only chosen when gating is on
+        draft = await self._draft(request, record, lead, segment_tokens)
+        if draft is None:
+            return {}, False, f"lead {lead.name} failed to draft"
+        if not draft.token_logprobs:
+            return {lead.name: draft}, False, f"lead {lead.name} reported no token log-probs"
+        confidence = sum(draft.token_logprobs) / len(draft.token_logprobs)
+        sure = confidence >= threshold
+        relation = ">=" if sure else "<"
+        return (
+            {lead.name: draft},
+            sure,
+            f"lead {lead.name} mean log-prob {confidence:.3f} {relation} gate_logprob {threshold:g}",
+        )
 
     @staticmethod
     def _rank(
@@ -827,70 +878,56 @@ class SpecFuse:
         drafters: list[Member],
         verifiers: list[Member],
         segment_tokens: int,
+        drafted: dict[str, Draft],
     ) -> tuple[dict[str, Draft], dict[str, dict[str, float]]]:
-        """Run all drafts; verify each candidate as soon as it exists.
+        """Draft (all drafters not in `drafted` at once), then verify: one call per verifier.
+
+        Verification waits for the drafts so that each verifier reads all of its
+        candidates in one call (one batched forward pass for a local model, one
+        request to a server) instead of a call per candidate as they arrive.
+        `round_deadline` bounds both: a drafter not in by then misses the round,
+        and a round cut before its verification ends unverified.
 
         Returns the drafts that succeeded and s[verifier][drafter].
         """
         started = time.perf_counter()
-        state = _Candidates(scores={v.name: {} for v in verifiers})
-        own_draft_done = {m.name: asyncio.Event() for m in drafters}
-        lanes = {v.name: _ScoreLane(v, request.prompts[v.name] + request.fused, record) for v in verifiers}
-        # Without self-votes a verifier still reads its own draft when it is the only
-        # reference its softmax would have (fewer than three drafters).
-        own_as_reference = not request.settings.self_verify and len(drafters) < 3
-        lane_tasks = [
-            asyncio.create_task(
-                lane.run(own_draft_done.get(name) if not lane.member.info.concurrent_calls else None)
+        drafts = dict(drafted)
+        scores: dict[str, dict[str, float]] = {}
+
+        async def draft(member: Member) -> None:
+            found = await self._draft(request, record, member, segment_tokens)
+            if found is not None:
+                drafts[member.name] = found
+
+        async def body() -> None:
+            await asyncio.gather(*(draft(d) for d in drafters if d.name not in drafts))
+            # Without self-votes a verifier still reads its own draft when it is the only
+            # reference its softmax would have (fewer than three drafters).
+            own_as_reference = not request.settings.self_verify and len(drafts) < 3
+            await asyncio.gather(
+                *(self._verify(request, record, v, drafts, own_as_reference, scores) for v in verifiers)
             )
-            for name, lane in lanes.items()
-        ]
-        chains = [
-            asyncio.create_task(
-                self._candidate(
-                    request, record, d, segment_tokens, lanes, own_draft_done[d.name], own_as_reference, state
-                )
-            )
-            for d in drafters
-        ]
+
         limits = [request.settings.round_deadline] if request.settings.round_deadline else []
         if request.settings.request_deadline is not None:
             # The request's deadline cuts a round too: calls in flight are not waited for.
             limits.append(max(0.0, request.started + request.settings.request_deadline - time.perf_counter()))
-        await _gather_by_deadline(chains, lane_tasks, lanes, min(limits) if limits else None)
-        for end in state.ended.values():
-            record.critical_path = max(record.critical_path, end - started)
-        late = {d.name for d in drafters} - set(state.drafts) - {c.member for c in record.calls if c.error}
+        task = asyncio.ensure_future(body())
+        try:
+            await asyncio.wait([task], timeout=min(limits) if limits else None)
+        finally:
+            # Past the deadline (or when the caller is cancelled) every call in flight is
+            # cut: left running, it would hold the server's resources for nothing.
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error  # a programming error: backend failures are recorded, not raised
+        record.critical_path = time.perf_counter() - started
+        late = {d.name for d in drafters} - set(drafts) - {c.member for c in record.calls if c.error}
         for name in sorted(late):
             record.calls.append(_call_record(name, "draft", started, error="missed the round deadline"))
-        scored = {v: {c: x for c, x in row.items() if c in state.drafts} for v, row in state.scores.items()}
-        return state.drafts, {v: row for v, row in scored.items() if row}
-
-    async def _candidate(
-        self,
-        request: _Request,
-        record: RoundRecord,
-        drafter: Member,
-        segment_tokens: int,
-        lanes: dict[str, _ScoreLane],
-        draft_done: asyncio.Event,
-        own_as_reference: bool,
-        state: _Candidates,
-    ) -> None:
-        """One candidate's chain: its draft, then its verification by every lane.
-
-        Results go into ``state`` as they arrive, so a chain cut by the round
-        deadline keeps its draft and whatever scores it already has.
-        """
-        try:
-            draft = await self._draft(request, record, drafter, segment_tokens)
-        finally:
-            draft_done.set()
-        if draft is None:
-            return
-        state.drafts[drafter.name] = draft
-        await self._verify(request.settings, drafter, draft, lanes, own_as_reference, state)
-        state.ended[drafter.name] = time.perf_counter()
+        return drafts, scores
 
     @staticmethod
     async def _draft(
@@ -921,70 +958,50 @@ class SpecFuse:
 
     @staticmethod
     async def _verify(
-        settings: FusionSettings,
-        drafter: Member,
-        draft: Draft,
-        lanes: dict[str, _ScoreLane],
+        request: _Request,
+        record: RoundRecord,
+        verifier: Member,
+        drafts: dict[str, Draft],
         own_as_reference: bool,
-        state: _Candidates,
+        scores: dict[str, dict[str, float]],
     ) -> None:
-        """s[verifier][drafter] of one candidate, from every lane that should read it.
+        """s[verifier][drafter] of every candidate this verifier reads, in one call.
 
-        A finished candidate carries each verifier's own end-of-turn marker, so
-        "stop here" competes with "go on". A failed score call is recorded by
-        its lane; that verifier just abstains.
+        A finished candidate carries the verifier's own end-of-turn marker, so
+        "stop here" competes with "go on"; identical texts are scored once. A
+        failed call is recorded and the verifier abstains this round.
         """
-        waits = []
-        for name, lane in lanes.items():
-            if name == drafter.name and not settings.self_verify and not own_as_reference:
-                continue
-            v = lane.member
-            if draft.finished:
-                waits.append((name, lane.submit(draft.text + v.format.end_of_turn, v.end_of_turn_tokens)))
-            else:
-                waits.append((name, lane.submit(draft.text, 0)))
-        for name, future in waits:
-            with contextlib.suppress(SpecfuseError, OSError, TimeoutError):
-                state.scores[name][drafter.name] = await future
-
-
-@dataclass
-class _Candidates:
-    """What a round's candidate chains have produced so far."""
-
-    scores: dict[str, dict[str, float]]
-    drafts: dict[str, Draft] = field(default_factory=dict)
-    #: When each candidate's chain (draft, then its verifications) ended.
-    ended: dict[str, float] = field(default_factory=dict)
-
-
-async def _gather_by_deadline(
-    chains: list[asyncio.Task[None]],
-    lane_tasks: list[asyncio.Task[None]],
-    lanes: dict[str, _ScoreLane],
-    deadline: float | None,
-) -> None:
-    """Wait for the candidate chains up to the round deadline.
-
-    Past the deadline the verifiers' calls in flight are cut too, or the round
-    would wait for them (up to their timeout and retries) after all.
-    """
-    try:
-        done, pending = await asyncio.wait(chains, timeout=deadline)
-        for task in pending:
-            task.cancel()
-        for lane in lanes.values():
-            lane.close()
-        if pending:
-            for task in lane_tasks:
-                task.cancel()
-        await asyncio.gather(*lane_tasks, *pending, return_exceptions=True)
-        for task in done:
-            task.result()  # surface programming errors, not backend failures
-    finally:
-        for task in [*chains, *lane_tasks]:
-            task.cancel()
-        await asyncio.gather(*chains, *lane_tasks, return_exceptions=True)
+        wanted = {
+            name: (draft.text + verifier.format.end_of_turn, verifier.end_of_turn_tokens)
+            if draft.finished
+            else (draft.text, 0)
+            for name, draft in drafts.items()
+            if name != verifier.name or request.settings.self_verify or own_as_reference
+        }
+        if not wanted:
+            return
+        texts = list(dict.fromkeys(text for text, _ in wanted.values()))
+        context = request.prompts[verifier.name] + request.fused
+        t0 = time.perf_counter()
+        try:
+            results = await verifier.backend.score(context, texts)
+        except (SpecfuseError, OSError, TimeoutError) as exc:
+            record.calls.append(_call_record(verifier.name, "score", t0, error=_describe(exc)))
+            return
+        record.calls.append(
+            _call_record(
+                verifier.name,
+                "score",
+                t0,
+                tokens=sum(len(r.token_logprobs) for r in results),
+                usage=total_usage([r.usage for r in results]),
+            )
+        )
+        by_text = dict(zip(texts, results, strict=True))
+        scores[verifier.name] = {
+            name: scoring.candidate_score(by_text[text].token_logprobs, marker)
+            for name, (text, marker) in wanted.items()
+        }
 
 
 def _call_record(
@@ -1017,6 +1034,21 @@ def _rebuild(
     return fuse
 
 
+def _lead(settings: FusionSettings, members: Sequence[Member]) -> str | None:
+    """The member that drafts first under gating: the one named, else the highest weight.
+
+    None when gating is off, or when the named lead is not among the members that
+    started (left out at start: this request is fused in every round).
+    """
+    if settings.gate_logprob is None:
+        return None
+    drafters = [m for m in members if m.drafts]
+    if settings.lead is not None:
+        return settings.lead if settings.lead in [m.name for m in drafters] else None
+    # max() keeps the first of equals: the first listed member leads an unweighted ensemble.
+    return max(drafters, key=lambda m: m.weight).name if drafters else None
+
+
 #: A member whose every call failed this many rounds in a row sits out the rest of a response.
 _DROP_AFTER_FAILED_ROUNDS = 2
 
@@ -1041,70 +1073,6 @@ def _estimated_window(members: Sequence[MemberConfig]) -> int | None:
     if not windows or None in windows:
         return None
     return min(w for w in windows if w is not None) - _TYPICAL_TEMPLATE_OVERHEAD - WINDOW_MARGIN
-
-
-class _ScoreLane:
-    """Feeds one verifier the candidates of a round, batching those that queue up.
-
-    A candidate is scored as soon as the verifier is free; candidates that
-    arrive while it is busy go together in its next call (one batched forward
-    pass for a local model).
-    """
-
-    def __init__(self, member: Member, context: str, record: RoundRecord) -> None:
-        self.member = member
-        self.context = context
-        self.record = record
-        self._queue: asyncio.Queue[tuple[str, int, asyncio.Future[float]] | None] = asyncio.Queue()
-
-    def submit(self, text: str, marker_tokens: int) -> asyncio.Future[float]:
-        """Queue a candidate; marker_tokens: how many of its last tokens are an end-of-turn marker."""
-        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((text, marker_tokens, future))
-        return future
-
-    def close(self) -> None:
-        self._queue.put_nowait(None)
-
-    async def run(self, wait_for: asyncio.Event | None) -> None:
-        if wait_for is not None:
-            # One in-process model cannot draft and score at once: let its own
-            # draft finish so the candidates that arrived meanwhile share a batch.
-            await wait_for.wait()
-        closed = False
-        while not closed:
-            item = await self._queue.get()
-            batch: list[tuple[str, int, asyncio.Future[float]]] = []
-            while item is not None:
-                batch.append(item)
-                if self._queue.empty():
-                    break
-                item = self._queue.get_nowait()
-            closed = item is None
-            if batch:
-                await self._score(batch)
-
-    async def _score(self, batch: list[tuple[str, int, asyncio.Future[float]]]) -> None:
-        texts = list(dict.fromkeys(text for text, _, _ in batch))  # identical drafts are scored once
-        t0 = time.perf_counter()
-        try:
-            results = await self.member.backend.score(self.context, texts)
-        except (SpecfuseError, OSError, TimeoutError) as exc:
-            self.record.calls.append(_call_record(self.member.name, "score", t0, error=_describe(exc)))
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(BackendError(_describe(exc), member=self.member.name))
-            return
-        tokens = sum(len(r.token_logprobs) for r in results)
-        self.record.calls.append(
-            _call_record(
-                self.member.name, "score", t0, tokens=tokens, usage=total_usage([r.usage for r in results])
-            )
-        )
-        by_text = dict(zip(texts, results, strict=True))
-        for text, marker_tokens, future in batch:
-            if not future.done():
-                future.set_result(scoring.candidate_score(by_text[text].token_logprobs, marker_tokens))
 
 
 def _past(request: _Request) -> bool:

@@ -66,9 +66,13 @@ class RoundRecord:
     exits: list[str] = field(default_factory=list)
     calls: list[CallRecord] = field(default_factory=list)
     skipped_verification: bool = False
+    #: Gated fusion (``gate_logprob``): whether the lead's draft was accepted without a
+    #: round (None when gating was off for this round), and why, with the numbers.
+    gated: bool | None = None
+    gate_reason: str = ""
     wall_time: float = 0.0
-    #: Seconds from round start until every candidate's chain (draft, then its
-    #: verifications) finished: the slowest such chain, for overhead benchmarks.
+    #: Seconds from round start until its drafts and their verification finished
+    #: (the round without the bookkeeping around it), for overhead benchmarks.
     critical_path: float = 0.0
 
 
@@ -184,6 +188,7 @@ class FusionTrace:
             "total_time": round(self.total_time, 4),
             "tokens_per_second": round(tokens / self.total_time, 3) if self.total_time else None,
             "finish_reason": self.finish_reason,
+            "gated_rounds": sum(1 for r in self.rounds if r.gated),
             "prompt_tokens_computed": sum(s.prompt_tokens_computed for s in members.values()),
             "prompt_tokens_unmetered": sum(s.prompt_tokens_unmetered for s in members.values()),
             "exits": {m: s.exited_at_round for m, s in members.items() if s.exited_at_round},
@@ -233,8 +238,12 @@ class FusionTrace:
                     f"<td>{c.tokens}</td>{cells}<td>{r.aggregated.get(c.member, 0.0):.3f}</td></tr>"
                 )
             notes = []
-            if r.skipped_verification:
+            if r.gated:
+                notes.append(f"gated, no round: {esc(r.gate_reason)}")
+            elif r.skipped_verification:
                 notes.append("single drafter: verification skipped")
+            elif r.gated is False:
+                notes.append(f"fused: {esc(r.gate_reason)}")
             if r.exits:
                 notes.append("exits: " + ", ".join(map(esc, r.exits)))
             errors = [f"{esc(c.member)} {c.kind}: {esc(c.error)}" for c in r.calls if c.error]

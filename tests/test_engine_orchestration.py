@@ -1,4 +1,4 @@
-"""Orchestration logic of the round loop: timing, pipelining, failures.
+"""Orchestration logic of the round loop: timing, batching, gating, failures.
 
 These tests use scripted backends because what they check (when calls start,
 what happens when one fails) is the engine's scheduling, which no model
@@ -14,19 +14,31 @@ from collections.abc import Sequence
 
 import pytest
 
-from specfuse import AllMembersFailedError, BackendError, SpecFuse
+from specfuse import AllMembersFailedError, BackendError, ConfigError, SpecFuse
 from specfuse.backends.base import Backend, BackendInfo, CandidateScore, Draft, Sampling
 from specfuse.engine import Member
 from specfuse.prompts import PlainFormat
+from specfuse.trace import RoundRecord
 
 
 class ScriptedBackend(Backend):
     """Answers with fixed text after a fixed delay; logs when each call starts and ends."""
 
-    def __init__(self, name: str, text: str, delay: float, log: list, *, fail: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        text: str,
+        delay: float,
+        log: list,
+        *,
+        fail: bool = False,
+        logprob: float | None = None,
+    ) -> None:
         self.name, self.text, self.delay, self.log, self.fail = name, text, delay, log, fail
         self.endpoint = f"scripted:{name}"
         self.scored: list[list[str]] = []
+        #: The drafter's own log-prob of each of its two tokens (None: reports none).
+        self.logprob = logprob
 
     async def info(self) -> BackendInfo:
         return BackendInfo(model_id=self.name, context_window=10_000)
@@ -39,7 +51,8 @@ class ScriptedBackend(Backend):
         if self.fail:
             raise BackendError("scripted failure", member=self.name)
         self.log.append((time.perf_counter(), self.name, "draft-end"))
-        return Draft(self.text, token_count=2, finish_reason="length")
+        own = () if self.logprob is None else (self.logprob, self.logprob)
+        return Draft(self.text, token_count=2, finish_reason="length", token_logprobs=own)
 
     async def score(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
         self.log.append((time.perf_counter(), self.name, f"score-start:{'|'.join(candidates)}"))
@@ -71,18 +84,22 @@ def fuse_of(*backends: ScriptedBackend, **settings) -> SpecFuse:
     return SpecFuse(members=[member(b) for b in backends], fusion=FusionSettings(**base))
 
 
-async def test_verification_of_a_candidate_starts_before_slower_drafts_end() -> None:
+async def test_each_verifier_reads_all_its_candidates_in_one_call() -> None:
+    """Drafts that arrive apart are still scored together: one call per verifier and round."""
     log: list = []
-    fast = ScriptedBackend("fast", "A", 0.05, log)
-    slow = ScriptedBackend("slow", "B", 0.6, log)
-    result = await fuse_of(fast, slow).agenerate("hi")
-    slow_draft_end = next(t for t, who, what in log if who == "slow" and what == "draft-end")
-    first_score_of_fast = min(t for t, who, what in log if what == "score-start:A")
-    assert first_score_of_fast < slow_draft_end
-    # the round costs about max(draft_i + verify(c_i)), not max(draft) + max(verify)
-    record = result.trace.rounds[0]
-    assert record.wall_time < 0.6 + 0.05 + 0.05 + 0.25
-    assert record.critical_path <= record.wall_time
+    members = [
+        ScriptedBackend(n, n.upper(), delay, log) for n, delay in (("a", 0.05), ("b", 0.3), ("c", 0.6))
+    ]
+    result = await fuse_of(*members, max_tokens=4).agenerate("hi")
+    assert len(result.trace.rounds) == 2
+    for backend in members:
+        # Two rounds, one call each, every time both other candidates (no self-votes).
+        assert [sorted(batch) for batch in backend.scored] == [sorted(set("ABC") - {backend.text})] * 2
+    for record in result.trace.rounds:
+        assert [c.kind for c in record.calls].count("score") == 3
+        # the round costs the slowest draft plus one verification, not a verification per candidate
+        assert record.wall_time < 0.6 + 0.05 + 0.25
+        assert record.critical_path <= record.wall_time
 
 
 async def test_identical_candidates_are_scored_once_per_verifier() -> None:
@@ -312,3 +329,93 @@ def test_stream_holds_back_what_could_become_a_stop() -> None:
     assert _pending_stop_prefix("Hello", ["\n\nUser:"]) == 0
     assert _pending_stop_prefix("abc", []) == 0
     assert _pending_stop_prefix("x END", ["ENDING", "Q"]) == 3  # the longest growing tail counts
+
+
+# -- gated fusion ----------------------------------------------------------------
+
+
+def draft_calls(record: RoundRecord) -> list[str]:
+    return [c.member for c in record.calls if c.kind == "draft"]
+
+
+async def test_a_sure_lead_writes_the_segment_alone() -> None:
+    log: list = []
+    lead = ScriptedBackend("lead", "L", 0.01, log, logprob=-0.1)
+    other = ScriptedBackend("other", "O", 0.01, log, logprob=-0.1)
+    result = await fuse_of(lead, other, max_tokens=4, gate_logprob=-0.5).agenerate("hi")
+    assert result.text == "LL"
+    for record in result.trace.rounds:
+        assert record.gated is True and record.winner == "lead" and record.skipped_verification
+        assert draft_calls(record) == ["lead"] and len(record.calls) == 1
+        assert record.gate_reason == "lead lead mean log-prob -0.100 >= gate_logprob -0.5"
+    assert other.scored == [] and not any(who == "other" for _, who, _ in log)
+    assert result.trace.summary()["gated_rounds"] == 2
+    assert "gated, no round: lead lead mean log-prob -0.100" in result.trace.to_html()
+
+
+async def test_an_unsure_lead_gets_a_full_round_that_keeps_its_draft() -> None:
+    log: list = []
+    lead = ScriptedBackend("lead", "L", 0.01, log, logprob=-2.0)
+    other = ScriptedBackend("other", "O", 0.01, log, logprob=-0.1)
+    result = await fuse_of(lead, other, max_tokens=2, gate_logprob=-0.5).agenerate("hi")
+    record = result.trace.rounds[0]
+    assert record.gated is False and not record.skipped_verification
+    assert "mean log-prob -2.000 < gate_logprob -0.5" in record.gate_reason
+    # The lead drafted once: its gate draft is its candidate in the round.
+    assert sorted(draft_calls(record)) == ["lead", "other"]
+    assert {c.member for c in record.candidates} == {"lead", "other"}
+    assert set(record.scores) == {"lead", "other"}
+    assert result.trace.summary()["gated_rounds"] == 0
+
+
+async def test_the_lead_is_the_highest_weight_unless_named() -> None:
+    from specfuse import FusionSettings
+
+    log: list = []
+    a = ScriptedBackend("a", "A", 0.01, log, logprob=-0.1)
+    b = ScriptedBackend("b", "B", 0.01, log, logprob=-0.1)
+    heavy = member(b)
+    heavy.weight = 2.0
+    fusion = FusionSettings(max_tokens=2, model_exit=False, seed=1, gate_logprob=-0.5)
+    by_weight = await SpecFuse(members=[member(a), heavy], fusion=fusion).agenerate("hi")
+    assert by_weight.trace.rounds[0].winner == "b"
+    named = await fuse_of(a, b, max_tokens=2, gate_logprob=-0.5, lead="b").agenerate("hi")
+    assert named.trace.rounds[0].winner == "b"
+    first = await fuse_of(a, b, max_tokens=2, gate_logprob=-0.5).agenerate("hi")
+    assert first.trace.rounds[0].winner == "a"  # equal weights: the first listed leads
+    with pytest.raises(ConfigError, match="lead='nobody' is not a drafting member"):
+        await fuse_of(a, b, max_tokens=2, gate_logprob=-0.5, lead="nobody").agenerate("hi")
+
+
+async def test_without_gating_no_round_is_gated() -> None:
+    log: list = []
+    a = ScriptedBackend("a", "A", 0.01, log, logprob=-0.01)
+    b = ScriptedBackend("b", "B", 0.01, log, logprob=-0.01)
+    result = await fuse_of(a, b, max_tokens=2).agenerate("hi")
+    assert result.trace.rounds[0].gated is None and result.trace.rounds[0].gate_reason == ""
+    assert sorted(draft_calls(result.trace.rounds[0])) == ["a", "b"]
+
+
+async def test_a_lead_without_token_log_probs_is_never_trusted() -> None:
+    log: list = []
+    a = ScriptedBackend("a", "A", 0.01, log)  # reports no log-probs
+    b = ScriptedBackend("b", "B", 0.01, log)
+    result = await fuse_of(a, b, max_tokens=2, gate_logprob=-5.0).agenerate("hi")
+    record = result.trace.rounds[0]
+    assert record.gated is False and record.gate_reason == "lead a reported no token log-probs"
+
+
+async def test_the_lead_never_exits() -> None:
+    """Verifiers that rate the lead's hesitant drafts lowest would exit it; it stays."""
+    log: list = []
+    table = {"A": -3.0, "B": -1.0, "C": -1.2}
+    members = [TableBackend(n, [n.upper()], table, log) for n in "abc"]
+    settings = {"max_tokens": 20, "model_exit": True, "exit_warmup": 2, "exit_patience": 2, "lam": 0}
+    ungated = await fuse_of(*members, **settings).agenerate("hi")
+    assert [m for r in ungated.trace.rounds for m in r.exits] == ["a"]
+    for m in members:
+        m.rounds = 0
+    # TableBackend drafts report no log-probs, so every round is fused: only the lead differs.
+    gated = await fuse_of(*members, **settings, gate_logprob=-0.5, lead="a").agenerate("hi")
+    assert all(r.gated is False for r in gated.trace.rounds)
+    assert "a" not in [m for r in gated.trace.rounds for m in r.exits]

@@ -243,6 +243,22 @@ def test_an_unreachable_member_is_left_out_and_the_healthy_one_answers(served: S
     assert result.trace.to_dict()["left_out"] == result.trace.left_out
 
 
+def test_a_gated_ensemble_whose_lead_is_left_out_fuses_every_round(served: ServerProcess) -> None:
+    """The named lead cannot be reached at start: no error, no gating, the rest answer."""
+    fuse = SpecFuse.from_members(
+        [member(served.url, name="up", api_key=KEY), member(dead_url(), name="down")],
+        **SHORT,
+        gate_logprob=-0.5,
+        lead="down",
+    )
+    try:
+        result = fuse.generate(PROMPT)
+    finally:
+        fuse.close()
+    assert result.text and list(result.trace.left_out) == ["down"]
+    assert all(r.gated is None for r in result.trace.rounds)
+
+
 def test_a_left_out_member_is_probed_again_by_the_next_request(served: ServerProcess) -> None:
     with FaultProxy(served.url) as proxy:
         proxy.set_rules(Rule("status", paths=("/v1/models",), status=503, body={"error": "waking"}))

@@ -31,7 +31,14 @@ from specfuse import EnsembleConfig, MemberConfig, SpecFuse
 from specfuse.backends.base import CandidateScore
 from specfuse.backends.openai_compat import _UNENCODABLE_TRIES, TOKENS_ROUTE, VLLMBackend
 from specfuse.errors import RemoteError
-from tests.vllm_server import ENABLE_VAR, STORE_NAME, ensure_vllm_installed, start_vllm
+from tests.vllm_server import (
+    ENABLE_VAR,
+    SCALE_OUT_ARGS,
+    SLOW_CPU_ENV,
+    STORE_NAME,
+    ensure_vllm_installed,
+    start_vllm,
+)
 
 #: The URL of a vLLM already running with the flags `vllm_scale_out` uses (the fixture then starts none).
 URL_VAR = "SPECFUSE_VLLM_SCALE_OUT_URL"
@@ -66,16 +73,8 @@ def vllm_scale_out(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
         timeout=float(os.environ.get("SPECFUSE_VLLM_START_TIMEOUT", "1200")),
         max_model_len=4096,
         api_keys=(),
-        extra_args=(
-            "--enable-scale-out",
-            "--enable-prompt-tokens-details",
-            # No chunked prefill: vLLM 0.32's CPU build crashes its engine when a seeded
-            # request's prefill is chunked (GPUModelRunner._bookkeeping_sync).
-            "--max-num-batched-tokens",
-            "8192",
-        ),
-        # On a busy CPU one engine step can outlast the default 300 s, which kills the engine.
-        extra_env={"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"},
+        extra_args=SCALE_OUT_ARGS,
+        extra_env=SLOW_CPU_ENV,
         # Compiled, as the tolerances and counter checks below were measured: started
         # eagerly, token-in and echo means differed by up to 0.099 (bound 0.08).
         enforce_eager=False,

@@ -46,6 +46,13 @@ HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 KEYS = ("sk-vllm-member-a-0123456789", "sk-vllm-member-b-9876543210")
 #: The window the server is started with: small, so over-long prompts are cheap to build.
 MAX_MODEL_LEN = 2048
+#: The flags the README gives users for verification that reads the prefix cache (the
+#: token-in route and cached-token counts), and no chunked prefill: vLLM 0.32's CPU build
+#: crashes its engine when a seeded request's prefill is chunked
+#: (GPUModelRunner._bookkeeping_sync).
+SCALE_OUT_ARGS = ("--enable-scale-out", "--enable-prompt-tokens-details", "--max-num-batched-tokens", "8192")
+#: On a busy CPU one engine step can outlast the default 300 s, which kills the engine.
+SLOW_CPU_ENV = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"}
 #: Set to 0 to leave the real-vLLM tier out (the tests then report themselves skipped, by name).
 ENABLE_VAR = "SPECFUSE_REAL_VLLM"
 #: Seconds to wait for /health (eager start: under a minute on an idle 2-core machine).
@@ -231,7 +238,14 @@ class ShimServer:
     answered by the real vLLM, so only the refusal itself is imitated.
     """
 
-    def __init__(self, upstream: str, refuse: Refusal) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        refuse: Refusal,
+        headers: Callable[[str, dict[str, str]], dict[str, str]] | None = None,
+    ) -> None:
+        """`headers(path, forwarded)` may change the headers sent upstream (an older
+        release's authentication imitated by adding or dropping one)."""
         import uvicorn
 
         self.upstream = upstream
@@ -247,12 +261,16 @@ class ShimServer:
             if answer is not None:
                 self.refused.append(("/" + path, body))
                 return JSONResponse(answer[1], status_code=answer[0])
-            headers = {
-                k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")
+            forwarded = {
+                k.lower(): v
+                for k, v in request.headers.items()
+                if k.lower() in ("authorization", "content-type")
             }
+            if headers is not None:
+                forwarded = headers("/" + path, forwarded)
             async with httpx.AsyncClient(timeout=300, trust_env=False) as client:
                 upstream_reply = await client.request(
-                    request.method, f"{self.upstream}/{path}", content=raw, headers=headers
+                    request.method, f"{self.upstream}/{path}", content=raw, headers=forwarded
                 )
             return Response(
                 upstream_reply.content,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -10,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = REPO.parent / "shared" / "ifeval" / "dev.jsonl"
+#: The 150-prompt development split, shipped with the harness (data/README.md says where it comes from).
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "dev.jsonl"
 
 
 def setup_environment() -> None:
@@ -23,12 +23,11 @@ def setup_environment() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    spec = importlib.util.find_spec("llama_index.core")
-    if spec is None or spec.origin is None:
-        return
-    cache = Path(spec.origin).parent / "_static" / "nltk_cache"
+    from specfuse.selection import shipped_nltk_data
+
+    cache = shipped_nltk_data()
     current = [p for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p]
-    if cache.is_dir() and str(cache) not in current:
+    if cache is not None and str(cache) not in current:
         os.environ["NLTK_DATA"] = os.pathsep.join([*current, str(cache)])
 
 
@@ -77,20 +76,12 @@ def score_response(prompt: Prompt, response: str) -> Score:
     per-instruction results for it, so we fill them in as failures to keep the
     instruction-level denominator the same for every mode).
     """
-    from if_verifiable import IFEvalSample, evaluate_output_for_sample
-    from langdetect import DetectorFactory
+    from specfuse.selection import ifeval_results
 
-    # The language checkers call langdetect, which samples at random: unseeded, the
-    # same answer passed in one report and failed in the next (3 of 150 cached answers).
-    DetectorFactory.seed = 0
-
-    sample = IFEvalSample(
-        key=prompt.key,  # type: ignore[arg-type]
-        prompt=prompt.prompt,
-        instruction_id_list=list(prompt.instruction_id_list),
-        kwargs=[dict(k) for k in prompt.kwargs],
+    row = {"key": prompt.key, "prompt": prompt.prompt}
+    results = ifeval_results(
+        row | {"instruction_id_list": prompt.instruction_id_list, "kwargs": prompt.kwargs}, response
     )
-    results, _ = evaluate_output_for_sample("ifeval", sample, response)
     if not results:
         n = len(prompt.instruction_id_list)
         return Score((False,) * n, (False,) * n)

@@ -24,7 +24,7 @@ REPEAT_WORDS = 6
 #: Knobs added to FusionSettings after answers were cached, with the value at which
 #: they do nothing. At that value a knob is left out of the cache key, so answers
 #: cached before it existed (exactly what the code still computes) stay valid.
-INERT_KNOBS: dict[str, Any] = {"no_repeat_words": 0}
+INERT_KNOBS: dict[str, Any] = {"no_repeat_words": 0, "gate_logprob": None, "lead": None}
 #: An ablation is the default with knobs changed: ``default+self_verify=true+lam=0``.
 ABLATION_PREFIX = "default+"
 

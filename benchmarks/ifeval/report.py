@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from benchmarks.ifeval.cache import Cache
 from benchmarks.ifeval.data import Prompt, score_response
 from benchmarks.ifeval.modes import ABLATION_PREFIX, REPEAT_WORDS, BenchSettings, Mode
 from specfuse import scoring
+from specfuse.selection import sign_test
 
 #: The members' end-of-turn markers and a plain-template fake next turn ("\nUser:"),
 #: none of which may reach an answer.
@@ -116,15 +116,6 @@ def _count(items: Iterable[str]) -> dict[str, int]:
     for item in items:
         out[item] = out.get(item, 0) + 1
     return out
-
-
-def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test p-value (ties dropped): how surprising a paired split is."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    k = min(wins, losses)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
 def paired(mode: ModeReport, reference: ModeReport, level: str = "prompt") -> tuple[int, int]:

@@ -104,6 +104,8 @@ class Bench:
                     "candidates": {c.member: [c.text, c.finished] for c in r.candidates},
                     "s": {v: {m: round(x, 4) for m, x in row.items()} for v, row in r.scores.items()},
                     "repeating": r.repeating,
+                    # Gated fusion only: whether the lead's segment skipped the round, and why.
+                    **({"gated": r.gated, "gate_reason": r.gate_reason} if r.gated is not None else {}),
                 }
                 for r in result.trace.rounds
             ],

@@ -9,6 +9,12 @@ winner, and how strongly each verifier prefers its own draft; not what the
 changed winner would have done to the rest of the answer (a real run of
 ``--modes default`` measures that).
 
+With ``--gate-lead NAME`` it also prints, for gated fusion (``gate_logprob``),
+the share of rounds each threshold would have skipped: the lead's self-score
+in these rounds is the mean log-prob of its own draft on the same context, the
+very number the gate reads (what a skipped round does to the rest of the
+answer only a real run, ``--modes default+gate_logprob=...``, measures).
+
 With ``--mode whole`` it replays the whole-answer re-ranker instead: the same
 members' complete answers, picked with and without self-votes and by each
 verifier alone, each pick scored by the IFEval checker, beside the ceiling of
@@ -16,6 +22,7 @@ any pick (prompts where some member's answer passes).
 
     .venv/bin/python -m benchmarks.ifeval.verify_replay --start 100 --limit 50
     .venv/bin/python -m benchmarks.ifeval.verify_replay --mode whole --limit 100
+    .venv/bin/python -m benchmarks.ifeval.verify_replay --start 100 --limit 50 --gate-lead qwen2.5-coder-0.5b
 """
 
 from __future__ import annotations
@@ -243,6 +250,42 @@ def _whole_main(prompts: Sequence[Any], cache: Cache, members: tuple[str, ...]) 
     return 0
 
 
+#: Thresholds of ``gate_logprob`` the gate replay shows.
+THRESHOLDS = (-0.1, -0.25, -0.5, -0.75, -1.0, -1.5)
+
+
+def gate_replay(
+    rows: Sequence[dict[str, Any]], lead: str, thresholds: Sequence[float] = THRESHOLDS
+) -> list[dict]:
+    """Per threshold: rounds gated, and of those, rounds whose winning text was the lead's."""
+    rounds = [
+        r
+        for row in rows
+        for r in row["round_log"]
+        if lead in r["candidates"] and lead in (r.get("s") or {}).get(lead, {})
+    ]
+    out = []
+    for t in thresholds:
+        gated = [r for r in rounds if r["s"][lead][lead] >= t]
+        kept = sum(1 for r in gated if r["candidates"][r["winner"]][0] == r["candidates"][lead][0])
+        out.append({"threshold": t, "rounds": len(rounds), "gated": len(gated), "kept": kept})
+    return out
+
+
+def render_gate(table: Sequence[dict]) -> str:
+    lines = [
+        "| gate_logprob | rounds gated | fusion kept the lead's text in them |",
+        "|---|---|---|",
+    ]
+    for r in table:
+        share = r["gated"] / r["rounds"] if r["rounds"] else 0.0
+        kept = r["kept"] / r["gated"] if r["gated"] else 0.0
+        lines.append(
+            f"| {r['threshold']:g} | {r['gated']}/{r['rounds']} ({share:.0%}) | {r['kept']} ({kept:.0%}) |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -255,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--gate-lead", help="also replay gated fusion with this member as the lead")
     args = parser.parse_args(argv)
     prompts = load_prompts(args.data, args.limit, start=args.start)
     cache = Cache(args.cache, BenchSettings())
@@ -267,6 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"{len(rows)} cached {args.mode!r} answers")
     print(render(replay(rows, args.members)))
+    if args.gate_lead:
+        print(f"\ngated fusion, lead {args.gate_lead}:")
+        print(render_gate(gate_replay(rows, args.gate_lead)))
     return 0
 
 

@@ -42,11 +42,18 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from specfuse.backends._http import ContextWindowErrorRemote, RemoteError, RetryableError
+from specfuse.backends._http import (
+    ContextWindowErrorRemote,
+    RemoteError,
+    RetryableError,
+    post_json,
+    public_url,
+)
 from specfuse.backends._remote import RemoteBackend, cut_at_stop
 from specfuse.backends.base import (
     BackendInfo,
@@ -67,6 +74,9 @@ TOKENS_ROUTE = "/inference/v1/generate"
 _PROBE_TOKENS = 300
 #: Tries of a token-in request whose answer vLLM could not encode (see `_post_tokens`).
 _UNENCODABLE_TRIES = 3
+#: Replicas already warned about an open token-in route (once per process and URL).
+_WARNED_OPEN_ROUTE: set[str] = set()
+
 #: Contexts whose token ids are kept (one per verifier and round is what scoring needs).
 _CONTEXT_CACHE = 16
 
@@ -374,7 +384,35 @@ class VLLMBackend(RemoteBackend):
             )
         if cached == 0:
             return "echo", "the server's prefix cache is off: token ids in would cost as much as echo"
+        await self._warn_if_route_open(self._tokens_body(model_id, ids[:4]))
         return "tokens", f"token ids in, prefix cache read ({cached} of {len(ids)} probe tokens cached)"
+
+    async def _warn_if_route_open(self, body: dict[str, Any]) -> None:
+        """Warn once when the token-in route answers a request that carries no key.
+
+        vLLM's --api-key guards only some path prefixes (0.32: /v1, /v2, /inference
+        and /cohere, GUARDED_PREFIX in vllm/entrypoints/serve/middleware/authenticate.py;
+        not every release guards /inference). A member with a key expects the server to
+        refuse strangers, so an answer without one means anyone who reaches the server
+        can run prompts on it.
+        """
+        if not self._api_key:
+            return
+        url = self.pool.pick()
+        if url in _WARNED_OPEN_ROUTE:
+            return
+        try:
+            await post_json(self.clients.get(), url + TOKENS_ROUTE, body, token=None, timeout=self.timeout)
+        except Exception:  # refused (401), or any other failure: nothing proves the route is open
+            return
+        _WARNED_OPEN_ROUTE.add(url)
+        warnings.warn(
+            f"member {self.member_name!r}: {public_url(url)}{TOKENS_ROUTE} answered a request without "
+            "the member's api_key, so it is open to anyone who can reach the server; keep the server "
+            "on a private network or behind a proxy that requires the key (README, 'Launch your servers')",
+            UserWarning,
+            stacklevel=2,
+        )
 
     async def _post_tokens(self, url: str, body: dict[str, Any]) -> tuple[dict[str, Any] | None, int]:
         """One request to the token-in route, and how many earlier tries of it failed.
