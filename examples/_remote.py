@@ -44,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def member(protocol: str, model: str, url: str) -> dict[str, Any]:
     spec: dict[str, Any] = {"model": model, "backend": protocol, "urls": url}
-    key = os.environ.get(PROTOCOLS[protocol][1])
-    if key:
-        spec["api_key"] = key  # sent to this member's host only
+    variable = PROTOCOLS[protocol][1]
+    if os.environ.get(variable):
+        spec["api_key_env"] = variable  # read when the member starts; sent to its host only
     return spec
 
 

@@ -71,8 +71,8 @@ class SpecFuseParams(BaseModel):
 
     timeout: float | None = None
     """Seconds allowed per response; maps to the core's `request_deadline`."""
-    max_retries: int | None = None
-    """Accepted for LangChain's standard parameters; retries are per backend in the core."""
+    max_retries: int | None = Field(default=None, ge=0)
+    """Retries of each remote member call (None: each member's own `retries`, default 2)."""
     streaming: bool = False
     """When True, invoke() runs through the segment stream (so callbacks see each segment)."""
 
@@ -175,13 +175,16 @@ class SpecFuseParams(BaseModel):
             config = EnsembleConfig.local()
         members = []
         for member in config.members:
-            key = self.member_api_keys.get(member.display_name) or (
-                self.api_key if member.backend != "local" else None
-            )
+            key = self.member_api_keys.get(member.display_name)
+            if key is None and member.api_key_env is None and member.backend != "local":
+                # A member naming its own variable reads that one; the others this model's key.
+                key = self.api_key
             if key is not None and member.api_key is None:
-                member = member.model_copy(update={"api_key": key})
+                # Validated again, so a "${VAR}" key becomes a reference, never text sent.
+                data = {**member.model_dump(exclude={"api_key"}), "api_key": key}
+                member = MemberConfig.model_validate(data)
             members.append(member)
-        return config.model_copy(update={"members": members})
+        return config.model_copy(update={"members": members}).with_retries(self.max_retries)
 
     @property
     def engine(self) -> SpecFuse:

@@ -9,6 +9,7 @@ from operator import itemgetter
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.chat_models import (
     BaseChatModel,
@@ -19,8 +20,9 @@ from langchain_core.language_models.chat_models import (
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
@@ -156,31 +158,45 @@ class ChatSpecFuse(SpecFuseParams, BaseChatModel):
         instances, others dicts; a bad answer raises OutputParserException, or
         lands in `parsing_error` with include_raw=True.
         """
-        if method == "function_calling":
-            if schema is None:
-                raise ConfigError("method='function_calling' needs a schema")
-            return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
-        if method not in ("json_schema", "json_mode"):
+        if method not in ("function_calling", "json_schema", "json_mode"):
             raise ConfigError(f"unknown method {method!r}; use function_calling, json_schema or json_mode")
         if kwargs:
             raise ConfigError(
                 f"unsupported arguments {sorted(kwargs)}; accepted: schema, method, include_raw, strict"
             )
-        if schema is None and method == "json_schema":
-            raise ConfigError("method='json_schema' needs a schema")
-        json_schema = convert_to_json_schema(schema) if schema is not None else None
-        bound = self.bind(
-            response_format={
-                "type": "json_object" if method == "json_mode" else "json_schema",
-                "schema": json_schema,
-            },
-            ls_structured_output_format={"kwargs": {"method": method}, "schema": schema},
-        )
+        if schema is None and method != "json_mode":
+            raise ConfigError(f"method={method!r} needs a schema")
+        is_model = isinstance(schema, type) and is_basemodel_subclass(schema)
+        bound: Runnable[Any, Any]
         parser: Runnable[Any, Any]
-        if isinstance(schema, type) and is_basemodel_subclass(schema):
-            parser = PydanticOutputParser(pydantic_object=schema)
+        if method == "function_calling":
+            # As BaseChatModel.with_structured_output binds it, but its parser returns None
+            # when the answer holds no call, and include_raw then showed parsed=None with
+            # parsing_error=None: an answer without a valid call must be an error.
+            tool = convert_to_openai_tool(schema, strict=strict)  # type: ignore[arg-type]
+            name = tool["function"]["name"]
+            bound = self.bind_tools(
+                [schema],  # type: ignore[list-item]
+                tool_choice=name,
+                strict=strict,
+                ls_structured_output_format={"kwargs": {"method": method, "strict": strict}, "schema": tool},
+            )
+            parser = _required_call(
+                PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+                if is_model
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True),
+                name,
+            )
         else:
-            parser = JsonOutputParser()
+            json_schema = convert_to_json_schema(schema) if schema is not None else None
+            bound = self.bind(
+                response_format={
+                    "type": "json_object" if method == "json_mode" else "json_schema",
+                    "schema": json_schema,
+                },
+                ls_structured_output_format={"kwargs": {"method": method}, "schema": schema},
+            )
+            parser = PydanticOutputParser(pydantic_object=schema) if is_model else JsonOutputParser()  # type: ignore[arg-type]
         if include_raw:
             with_parsed = RunnablePassthrough.assign(
                 parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
@@ -312,3 +328,23 @@ class ChatSpecFuse(SpecFuseParams, BaseChatModel):
             if run_manager is not None:
                 await run_manager.on_llm_new_token(segment.text, chunk=chunk)
             yield chunk
+
+
+def _required_call(parser: Runnable[Any, Any], tool: str) -> Runnable[Any, Any]:
+    """`parser` over an AI message, failing (OutputParserException) when it finds no call of `tool`.
+
+    The members write calls as text, and a fused answer may hold none (cut by
+    max_tokens, or prose): that is a parsing error, never a silent None.
+    """
+
+    def parse(message: AIMessage) -> Any:
+        value = parser.invoke(message)
+        if value is None:
+            text = message.content if isinstance(message.content, str) else json.dumps(message.content)
+            raise OutputParserException(
+                f"the fused answer holds no valid call of the tool {tool!r}: {text[:300]!r}",
+                llm_output=text,
+            )
+        return value
+
+    return RunnableLambda(parse)

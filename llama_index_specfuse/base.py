@@ -94,6 +94,11 @@ class SpecFuseLLM(FunctionCallingLLM):
     timeout: float | None = Field(
         default=None, gt=0.0, description="Seconds allowed per response (the core's request_deadline)."
     )
+    max_retries: int | None = Field(
+        default=None,
+        ge=0,
+        description="Retries of each remote member call (None: each member's own `retries`, default 2).",
+    )
     fusion: dict[str, Any] = Field(
         default_factory=dict, description="Any other FusionSettings field for every request (tau, lam, ...)."
     )
@@ -200,7 +205,7 @@ class SpecFuseLLM(FunctionCallingLLM):
     def engine(self) -> SpecFuse:
         """The SpecFuse engine, built on first use and kept (its loaded models with it)."""
         if self._fuse is None:
-            self._fuse = SpecFuse(self.ensemble)
+            self._fuse = SpecFuse(self.ensemble.with_retries(self.max_retries))
         return self._fuse
 
     # -- metadata --------------------------------------------------------------
@@ -232,7 +237,10 @@ class SpecFuseLLM(FunctionCallingLLM):
             measure = False
         except RuntimeError:
             measure = True
-        return self.engine.usable_window(measure=measure) or DEFAULT_CONTEXT_WINDOW
+        # Within the answer's timeout: a hanging member must not hold metadata up for longer.
+        return self.engine.usable_window(measure=measure, timeout=self._settings().request_deadline) or (
+            DEFAULT_CONTEXT_WINDOW
+        )
 
     def _settings(self) -> FusionSettings:
         return self.ensemble.fusion.with_overrides(**self._overrides({}))
@@ -262,7 +270,8 @@ class SpecFuseLLM(FunctionCallingLLM):
         return result
 
     async def _asegments(self, call: _Call) -> AsyncIterator[Segment]:
-        await self.engine.ausable_window()  # natively async, so metadata stops estimating
+        # Natively async, so metadata stops estimating; within the answer's timeout.
+        await self.engine.ausable_window(call.overrides.get("request_deadline"))
         async for segment in self.engine.astream(call.messages, tools=call.plan.tools, **call.overrides):
             yield segment
 

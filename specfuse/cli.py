@@ -33,7 +33,7 @@ from specfuse.config import DEFAULT_LOCAL_MODELS, EnsembleConfig, MemberConfig
 from specfuse.engine import FusionResult, SpecFuse
 from specfuse.errors import SpecfuseError
 from specfuse.prompts import check_messages
-from specfuse.trace import RICH_PALETTE
+from specfuse.trace import RICH_PALETTE, server_cost
 
 #: The shell's exit status for a command stopped by SIGINT (128 + 2).
 _INTERRUPTED = 130
@@ -120,7 +120,17 @@ def _generate(args: argparse.Namespace) -> int:
 def _print_summary(console: Console, result: FusionResult, colours: dict[str, str]) -> None:
     summary = result.trace.summary()
     table = Table(title="fusion summary", title_justify="left")
-    for column in ("member", "rounds", "calls", "wins", "tokens won", "tokens drafted", "exited at"):
+    columns = (
+        "member",
+        "rounds",
+        "calls",
+        "wins",
+        "tokens won",
+        "tokens drafted",
+        "prompt computed",
+        "exited at",
+    )
+    for column in columns:
         table.add_column(column, justify="right" if column != "member" else "left")
     for name, s in summary["members"].items():
         table.add_row(
@@ -130,16 +140,20 @@ def _print_summary(console: Console, result: FusionResult, colours: dict[str, st
             str(s["wins"]),
             str(s["tokens_won"]),
             str(s["tokens_drafted"]),
+            server_cost(s),
             str(s["exited_at_round"] or "-"),
         )
     console.print(table)
+    for name, why in summary["left_out"].items():
+        console.print(Text(f"left out at start: {name}: {why}", style="yellow"))  # no markup in `why`
     ttfs = summary["time_to_first_segment"] or 0.0
     tps = summary["tokens_per_second"] or 0.0
     console.print(
         f"rounds {summary['rounds']} · calls {summary['calls']} · members/round "
         f"{summary['members_per_round']:.2f} ({summary['members_per_round_by_tokens']:.2f} by tokens) · "
         f"first segment {ttfs:.2f}s · "
-        f"total {summary['total_time']:.2f}s · {tps:.1f} tokens/s · finish: {result.finish_reason}"
+        f"total {summary['total_time']:.2f}s · {tps:.1f} tokens/s · finish: {result.finish_reason} · "
+        f"server prompt tokens computed: {server_cost(summary)}"
     )
 
 

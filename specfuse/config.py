@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +38,10 @@ Role = Literal["draft", "verify"]
 BackendKind = Literal["local", "tgi", "vllm", "sglang"]
 TemplateKind = Literal["auto", "chat", "plain", "server"]
 
+#: The environment variable every entry point reads a remote member's key from by default.
+DEFAULT_API_KEY_ENV = "SPECFUSE_API_KEY"
+#: `${VAR}`: an api key given as a reference to an environment variable.
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: What running a model in this process imports beyond specfuse's own dependencies; the
 #: `local` extra installs them. Remote members need nothing more than the core.
 LOCAL_MODULES: tuple[str, ...] = ("torch", "transformers")
@@ -185,6 +190,21 @@ class MemberConfig(BaseModel):
     backend: BackendKind = "local"
     urls: list[str] = Field(default_factory=list, description="Endpoint URL(s) of a remote member.")
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
+    api_key_env: str | None = Field(
+        default=None,
+        description=(
+            "The environment variable holding this member's key, read when the member is built "
+            f"(default {DEFAULT_API_KEY_ENV}, if set). An api_key written as '${{VAR}}' means "
+            "api_key_env='VAR'."
+        ),
+    )
+    served_model: str | None = Field(
+        default=None,
+        description=(
+            "The name the server serves this model under, when `model` names a local tokenizer "
+            "(e.g. model='smollm2-135m', served_model='HuggingFaceTB/SmolLM2-135M-Instruct')."
+        ),
+    )
     roles: frozenset[Role] = frozenset({"draft", "verify"})
     weight: Annotated[float, Field(gt=0.0)] = 1.0
     template: TemplateKind = "auto"
@@ -201,7 +221,22 @@ class MemberConfig(BaseModel):
     )
     dtype: Literal["float32", "bfloat16"] = "float32"
     kv_cache: bool = True
-    timeout: Annotated[float, Field(gt=0.0, description="Per-call timeout in seconds.")] = 60.0
+    timeout: Annotated[
+        float, Field(gt=0.0, description="Seconds one attempt of a call may take (the start probe's too).")
+    ] = 60.0
+    retries: Annotated[
+        int, Field(ge=0, description="Retries of a failed call (429, 503, 502/504, timeouts, refused).")
+    ] = 2
+    retry_budget: Annotated[
+        float | None,
+        Field(
+            gt=0.0,
+            description=(
+                "Seconds one call may take over all its attempts; default 2 x timeout, so a dead or "
+                "hanging server is given up within about twice its timeout."
+            ),
+        ),
+    ] = None
     scoring: Literal["auto", "echo", "tokens"] = Field(
         default="auto",
         description=(
@@ -211,6 +246,31 @@ class MemberConfig(BaseModel):
             "the prefix cache, and an error if the server does not offer it."
         ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_from_env_reference(cls, data: Any) -> Any:
+        """`api_key = "${VAR}"` (an ensemble file's way to name a variable) means api_key_env="VAR".
+
+        The reference is never sent as the key; any other `${` in a key is a mistake.
+        """
+        if not isinstance(data, dict) or data.get("api_key") is None:
+            return data
+        key = data["api_key"]
+        text = key.get_secret_value() if isinstance(key, SecretStr) else key
+        if not isinstance(text, str) or "${" not in text:
+            return data
+        match = ENV_REFERENCE.fullmatch(text.strip())
+        if match is None:
+            raise ValueError(
+                "api_key holds '${' but is not a whole '${VAR}' reference; write api_key = \"${VAR}\" "
+                'or api_key_env = "VAR" to read the key from an environment variable'
+            )
+        if data.get("api_key_env") not in (None, match.group(1)):
+            raise ValueError("api_key names one environment variable and api_key_env another; keep one")
+        data = {k: v for k, v in data.items() if k != "api_key"}
+        data["api_key_env"] = match.group(1)
+        return data
 
     @field_validator("urls", mode="before")
     @classmethod
@@ -277,6 +337,33 @@ class MemberConfig(BaseModel):
     def display_name(self) -> str:
         return self.name or self.model
 
+    @property
+    def attempt_budget(self) -> float:
+        """Seconds one call of this member may take over all its attempts."""
+        return self.retry_budget if self.retry_budget is not None else 2 * self.timeout
+
+    def resolved_api_key(self) -> str | None:
+        """This member's key: `api_key`, else its `api_key_env` variable, else SPECFUSE_API_KEY.
+
+        Read when the member's backend is built, so the secret never sits in a
+        config dump. A variable named on purpose must be set.
+        """
+        import os
+
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.backend == "local":
+            return None
+        if self.api_key_env is not None:
+            value = os.environ.get(self.api_key_env)
+            if not value:
+                raise ConfigError(
+                    f"member {self.display_name!r} reads its api key from ${self.api_key_env}, "
+                    "which is not set; export it or change api_key_env"
+                )
+            return value
+        return os.environ.get(DEFAULT_API_KEY_ENV) or None
+
 
 class EnsembleConfig(BaseModel):
     """Members plus the fusion defaults of every request."""
@@ -329,6 +416,22 @@ class EnsembleConfig(BaseModel):
             "fusion": fusion,
         }
         return _validated(cls, data)
+
+    def with_retries(self, max_retries: int | None) -> EnsembleConfig:
+        """A copy whose remote members retry a failed call `max_retries` times (None: unchanged).
+
+        The framework adapters' `max_retries` field, so it means the same in both:
+        each member call (draft, score, probe) is tried at most max_retries + 1 times,
+        within that member's `retry_budget`.
+        """
+        if max_retries is None:
+            return self
+        if max_retries < 0:
+            raise ConfigError(f"max_retries={max_retries} must be 0 or more")
+        members = [
+            m if m.backend == "local" else m.model_copy(update={"retries": max_retries}) for m in self.members
+        ]
+        return self.model_copy(update={"members": members})
 
     @classmethod
     def local(cls, models: tuple[str, ...] = DEFAULT_LOCAL_MODELS, **fusion: Any) -> EnsembleConfig:

@@ -48,6 +48,7 @@ from specfuse.errors import (
     CapabilityError,
     ConfigError,
     ContextWindowError,
+    RetryableError,
     SpecfuseError,
 )
 from specfuse.prompts import (
@@ -175,6 +176,8 @@ class SpecFuse:
 
             self._backends = {m.display_name: create_backend(m) for m in config.members}
         self._start_lock: asyncio.Lock | None = None
+        #: Members probed so far (all of them once `_members` is set).
+        self._ready: dict[str, Member] = {}
         self._warm_weights: dict[str, float] | None = None
         self._loop_thread = LoopThread()
         self._usable_window: int | None = None
@@ -210,6 +213,18 @@ class SpecFuse:
     def from_file(cls, path: str) -> SpecFuse:
         return cls(EnsembleConfig.from_file(path))
 
+    def _check_lead(self, settings: FusionSettings) -> None:
+        """A lead (a request may name one) must be a drafting member of this ensemble."""
+        if settings.lead is None:
+            return
+        if self._members is not None:
+            drafters = [m.name for m in self._members if m.drafts]
+        else:
+            assert self.config is not None
+            drafters = [m.display_name for m in self.config.members if "draft" in m.roles]
+        if settings.lead not in drafters:
+            raise ConfigError(f"lead={settings.lead!r} is not a drafting member; name one of {drafters}")
+
     @property
     def member_names(self) -> list[str]:
         if self._members is not None:
@@ -218,21 +233,76 @@ class SpecFuse:
         return [m.display_name for m in self.config.members]
 
     async def astart(self, on_ready: Callable[[str, float], None] | None = None) -> list[Member]:
-        """Load or probe every member once; later calls return at once.
+        """Load or probe every member; the members that are ready.
 
-        on_ready(member name, seconds) is called as each member becomes ready.
+        on_ready(member name, seconds) is called as each member becomes ready. A
+        member that cannot be reached (down, hanging or overloaded past its retry
+        budget) is left out and probed again by the next call; only when the rest
+        cannot fuse (no drafter, or several drafters and no verifier) does this
+        raise AllMembersFailedError, naming every unreachable member. Once every
+        member is ready, later calls return at once.
+        """
+        members, _ = await self._start(on_ready, None)
+        return members
+
+    async def _start(
+        self, on_ready: Callable[[str, float], None] | None, deadline_at: float | None
+    ) -> tuple[list[Member], dict[str, str]]:
+        """(ready members in config order, {unreachable member: why}) for one request.
+
+        `deadline_at` (perf_counter time) bounds the probes: a member not ready by
+        then counts as unreachable for this request. Any other failure (a wrong
+        model name, a server that cannot score for a verifier) is the user's to
+        fix and is raised as it is.
         """
         if self._members is not None:
-            return self._members
+            return self._members, {}
         if self._start_lock is None:
             self._start_lock = asyncio.Lock()
+        assert self.config is not None
+        left_out: dict[str, str] = {}
         async with self._start_lock:
-            if self._members is None:
-                assert self.config is not None
-                self._members = list(
-                    await asyncio.gather(*(self._prepare(m, on_ready) for m in self.config.members))
-                )
-        return self._members
+            missing = [m for m in self.config.members if m.display_name not in self._ready]
+            results = await asyncio.gather(
+                *(self._prepare_by(m, on_ready, deadline_at) for m in missing), return_exceptions=True
+            )
+            errors: list[BaseException] = []
+            for config, outcome in zip(missing, results, strict=True):
+                if isinstance(outcome, Member):
+                    self._ready[config.display_name] = outcome
+                elif isinstance(outcome, RetryableError | TimeoutError):
+                    left_out[config.display_name] = _describe(outcome) or "no answer before the deadline"
+                else:
+                    errors.append(outcome)
+            ready = [
+                self._ready[m.display_name] for m in self.config.members if m.display_name in self._ready
+            ]
+            if errors:
+                raise errors[0]
+            if not left_out:
+                self._members = ready
+        problem = _cannot_fuse(ready)
+        if problem is not None:
+            unreachable = "; ".join(f"{name!r}: {why}" for name, why in left_out.items())
+            raise AllMembersFailedError(
+                f"{problem}: {len(left_out)} member(s) could not be reached at start ({unreachable})"
+            )
+        return ready, left_out
+
+    async def _prepare_by(
+        self, config: MemberConfig, on_ready: Callable[[str, float], None] | None, deadline_at: float | None
+    ) -> Member:
+        """_prepare, given up at `deadline_at` (a request's deadline covers its members' probes)."""
+        if deadline_at is None:
+            return await self._prepare(config, on_ready)
+        left = deadline_at - time.perf_counter()
+        try:
+            async with asyncio.timeout(max(0.0, left)):
+                return await self._prepare(config, on_ready)
+        except TimeoutError:
+            raise TimeoutError(
+                f"not ready within the request deadline ({self.settings.request_deadline} s)"
+            ) from None
 
     async def _prepare(self, config: MemberConfig, on_ready: Callable[[str, float], None] | None) -> Member:
         backend = self._backends[config.display_name]
@@ -270,8 +340,11 @@ class SpecFuse:
         )
 
     async def aclose(self) -> None:
-        for member in self._members or []:
-            await member.backend.aclose()
+        # Every backend, also those of members that never became ready (a probe may have
+        # opened a client before its server stopped answering).
+        backends = [*self._backends.values(), *(m.backend for m in self._members or [])]
+        for backend in {id(b): b for b in backends}.values():
+            await backend.aclose()
 
     # -- the public API -------------------------------------------------------
 
@@ -284,13 +357,26 @@ class SpecFuse:
     ) -> AsyncIterator[Segment]:
         """Yield accepted segments as they are chosen; the last carries the result."""
         settings = self.settings.with_overrides(**overrides)
-        members = await self.astart()
+        started = time.perf_counter()
+        # request_deadline bounds the whole answer, the members' probes at start included.
+        deadline_at = started + settings.request_deadline if settings.request_deadline else None
         prompt = messages if isinstance(messages, FormattedPrompt) else _as_messages(messages)
-        request = await self._begin(prompt, tools, settings, members)
+        if isinstance(prompt, list):
+            check_messages(prompt)  # bad input fails before any member is probed
+        self._check_lead(settings)
+        members, left_out = await self._start(None, deadline_at)
+        request = await self._begin_by(prompt, tools, settings, members, deadline_at)
+        request.started = started
+        request.trace.left_out = left_out
         emitted = 0
+        record: RoundRecord | None = None
         try:
             while True:
-                record = await self._round(request)
+                played = await self._round(request)
+                if played is None:  # the request deadline passed before any draft of the round
+                    result = self._result(request, "deadline")
+                    break
+                record = played
                 cut = self._cut_at_stop(request, record)
                 finish = "stop" if cut else self._finish_reason(request, record)
                 deadline = request.settings.request_deadline
@@ -318,7 +404,8 @@ class SpecFuse:
         # Outside the try: a caller that stops reading at the last segment (agenerate,
         # a LangChain or LlamaIndex consumer) closes the generator here, and that must
         # not turn a finished response into a cancelled one.
-        yield Segment(request.fused[emitted:], record.winner, record.index, result)
+        last = (record.winner, record.index) if record is not None else (None, 0)
+        yield Segment(request.fused[emitted:], *last, result)
 
     async def agenerate(
         self,
@@ -397,15 +484,18 @@ class SpecFuse:
         """Whether every member is loaded or probed (by start(), or by the first call)."""
         return self._members is not None
 
-    async def ausable_window(self) -> int | None:
+    async def ausable_window(self, timeout: float | None = None) -> int | None:
         """Tokens a request may use for prompt and answer together; None if no member says.
 
         The smallest member window less that member's chat-template overhead
         (an empty user turn, rendered and counted by the member itself) and
-        :data:`WINDOW_MARGIN`. Starts the members if needed; measured once.
+        :data:`WINDOW_MARGIN`. Starts the members if needed, within `timeout`
+        seconds (default: the request_deadline setting; a member not ready by then
+        is left out of the measure); measured once every member is ready.
         """
         if self._usable_window is None:
-            members = await self.astart()
+            timeout = timeout if timeout is not None else self.settings.request_deadline
+            members, _ = await self._start(None, time.perf_counter() + timeout if timeout else None)
             probe: list[Message] = [{"role": "user", "content": ""}]
             rooms = []
             for member in members:
@@ -413,10 +503,13 @@ class SpecFuse:
                     continue
                 overhead = await member.backend.count_tokens(await member.format.render(probe, None))
                 rooms.append(member.info.context_window - overhead - WINDOW_MARGIN)
-            self._usable_window = max(1, min(rooms)) if rooms else 0
+            window = max(1, min(rooms)) if rooms else 0
+            if not self.started:  # measured without an unreachable member: measure again next time
+                return window or None
+            self._usable_window = window
         return self._usable_window or None
 
-    def usable_window(self, *, measure: bool = True) -> int | None:
+    def usable_window(self, *, measure: bool = True, timeout: float | None = None) -> int | None:
         """Blocking ausable_window(); with measure=False it never loads or probes a member.
 
         Unmeasured, the window is estimated from the offline model store (local
@@ -424,7 +517,7 @@ class SpecFuse:
         window is unknown until it is probed.
         """
         if self._usable_window is not None or measure:
-            return self._loop_thread.run(self.ausable_window())
+            return self._loop_thread.run(self.ausable_window(timeout))
         return _estimated_window(self.config.members if self.config else ())
 
     # -- token counts ----------------------------------------------------------
@@ -468,6 +561,30 @@ class SpecFuse:
         return self._loop_thread.run(self.acount_prompt_tokens(messages, tools=tools))
 
     # -- one request ---------------------------------------------------------
+
+    async def _begin_by(
+        self,
+        messages: list[Message] | FormattedPrompt,
+        tools: Sequence[dict[str, Any]] | None,
+        settings: FusionSettings,
+        members: list[Member],
+        deadline_at: float | None,
+    ) -> _Request:
+        """_begin within the request deadline: members render and count the prompt on their
+        servers, and a member that stops answering there must not hold the request up."""
+        if deadline_at is None:
+            return await self._begin(messages, tools, settings, members)
+        limit = asyncio.timeout(max(0.0, deadline_at - time.perf_counter()))
+        try:
+            async with limit:
+                return await self._begin(messages, tools, settings, members)
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            raise AllMembersFailedError(
+                f"the request deadline ({settings.request_deadline} s) passed while the members "
+                f"{[m.name for m in members]} rendered and counted the prompt"
+            ) from None
 
     async def _begin(
         self,
@@ -589,7 +706,8 @@ class SpecFuse:
 
     # -- one round ------------------------------------------------------------
 
-    async def _round(self, request: _Request) -> RoundRecord:
+    async def _round(self, request: _Request) -> RoundRecord | None:
+        """One round, recorded in the trace; None when the request deadline cut it before any draft."""
         settings = request.settings
         record = RoundRecord(index=len(request.trace.rounds) + 1)
         started = time.perf_counter()
@@ -610,6 +728,8 @@ class SpecFuse:
                 request, record, drafters, [] if solo else verifiers, segment_tokens, drafts
             )
         if not drafts:
+            if _past(request):
+                return None
             errors = "; ".join(f"{c.member}: {c.error}" for c in record.calls if c.error)
             raise AllMembersFailedError(f"every drafter failed in round {record.index}: {errors}")
 
@@ -788,9 +908,13 @@ class SpecFuse:
                 *(self._verify(request, record, v, drafts, own_as_reference, scores) for v in verifiers)
             )
 
+        limits = [request.settings.round_deadline] if request.settings.round_deadline else []
+        if request.settings.request_deadline is not None:
+            # The request's deadline cuts a round too: calls in flight are not waited for.
+            limits.append(max(0.0, request.started + request.settings.request_deadline - time.perf_counter()))
         task = asyncio.ensure_future(body())
         try:
-            await asyncio.wait([task], timeout=request.settings.round_deadline)
+            await asyncio.wait([task], timeout=min(limits) if limits else None)
         finally:
             # Past the deadline (or when the caller is cancelled) every call in flight is
             # cut: left running, it would hold the server's resources for nothing.
@@ -911,16 +1035,16 @@ def _rebuild(
 
 
 def _lead(settings: FusionSettings, members: Sequence[Member]) -> str | None:
-    """The member that drafts first under gating: the one named, else the highest weight."""
+    """The member that drafts first under gating: the one named, else the highest weight.
+
+    None when gating is off, or when the named lead is not among the members that
+    started (left out at start: this request is fused in every round).
+    """
     if settings.gate_logprob is None:
         return None
     drafters = [m for m in members if m.drafts]
     if settings.lead is not None:
-        if settings.lead not in [m.name for m in drafters]:
-            raise ConfigError(
-                f"lead={settings.lead!r} is not a drafting member; name one of {[m.name for m in drafters]}"
-            )
-        return settings.lead
+        return settings.lead if settings.lead in [m.name for m in drafters] else None
     # max() keeps the first of equals: the first listed member leads an unweighted ensemble.
     return max(drafters, key=lambda m: m.weight).name if drafters else None
 
@@ -949,6 +1073,21 @@ def _estimated_window(members: Sequence[MemberConfig]) -> int | None:
     if not windows or None in windows:
         return None
     return min(w for w in windows if w is not None) - _TYPICAL_TEMPLATE_OVERHEAD - WINDOW_MARGIN
+
+
+def _past(request: _Request) -> bool:
+    deadline = request.settings.request_deadline
+    return deadline is not None and time.perf_counter() - request.started >= deadline
+
+
+def _cannot_fuse(members: Sequence[Member]) -> str | None:
+    """Why these members cannot answer together (None when they can); as EnsembleConfig checks."""
+    drafters = [m for m in members if m.drafts]
+    if not drafters:
+        return "no drafting member is left"
+    if len(drafters) > 1 and not any(m.verifies for m in members):
+        return "several drafters but no verifier is left"
+    return None
 
 
 def _as_messages(messages: str | Sequence[Message]) -> list[Message]:

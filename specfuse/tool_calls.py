@@ -323,6 +323,35 @@ def normalize_tool_choice(tool_choice: Any, names: Sequence[str]) -> str | None:
 _PLACEHOLDERS: dict[str, Any] = {"integer": 1, "number": 1.0, "boolean": True, "array": [], "object": {}}
 
 
+def placeholder(schema: Any, defs: Mapping[str, Any], depth: int = 0) -> Any:
+    """A valid JSON value of a parameter's schema, nested objects spelled out.
+
+    A nested model's parameter is a `$ref` (or an `allOf`/`anyOf` around one) with
+    no `type`; shown as "..." it taught the members to write a string there (an
+    `address` object came back as "Lisboa, Portugal"). So references are resolved
+    and an object shows its own properties, down to a few levels.
+    """
+    if not isinstance(schema, Mapping) or depth > 4:
+        return "..."
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        return placeholder(defs.get(ref.rsplit("/", 1)[-1]), defs, depth + 1)
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("allOf", "anyOf", "oneOf"):
+        options = [o for o in schema.get(key) or [] if isinstance(o, Mapping) and o.get("type") != "null"]
+        if options:
+            return placeholder(options[0], defs, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), None)
+    if kind == "object" and isinstance(schema.get("properties"), Mapping):
+        return {name: placeholder(sub, defs, depth + 1) for name, sub in schema["properties"].items()}
+    if kind == "array" and isinstance(schema.get("items"), Mapping):
+        return [placeholder(schema["items"], defs, depth + 1)]
+    return _PLACEHOLDERS.get(str(kind), "...")
+
+
 def tool_choice_instruction(tool_choice: Any, tools: Sequence[Mapping[str, Any]]) -> str | None:
     """The system instruction that enforces tool_choice through the prompt.
 
@@ -336,8 +365,10 @@ def tool_choice_instruction(tool_choice: Any, tools: Sequence[Mapping[str, Any]]
     chosen = list(tools) if choice == "any" else [t for t in tools if _name_of(t) == choice]
     examples = []
     for spec in chosen:
-        params = (spec["function"].get("parameters") or {}).get("properties") or {}
-        args = {p: _PLACEHOLDERS.get(str((schema or {}).get("type")), "...") for p, schema in params.items()}
+        parameters = spec["function"].get("parameters") or {}
+        params = parameters.get("properties") or {}
+        defs = {**(parameters.get("definitions") or {}), **(parameters.get("$defs") or {})}
+        args = {p: placeholder(schema, defs) for p, schema in params.items()}
         call = {"name": _name_of(spec), "arguments": args}
         examples.append(f"<tool_call>{json.dumps(call, ensure_ascii=False)}</tool_call>")
     which = "the tool" if len(chosen) == 1 else "one of the tools"

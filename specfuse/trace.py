@@ -109,6 +109,9 @@ class FusionTrace:
     total_time: float = 0.0
     finish_reason: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
+    #: Members that could not be reached when the request started, and why; they
+    #: sat this request out and are probed again by the next (docs/design.md, "Reliability").
+    left_out: dict[str, str] = field(default_factory=dict)
 
     # -- summaries ---------------------------------------------------------
 
@@ -189,6 +192,7 @@ class FusionTrace:
             "prompt_tokens_computed": sum(s.prompt_tokens_computed for s in members.values()),
             "prompt_tokens_unmetered": sum(s.prompt_tokens_unmetered for s in members.values()),
             "exits": {m: s.exited_at_round for m, s in members.items() if s.exited_at_round},
+            "left_out": dict(self.left_out),
             "members": {m: asdict(s) for m, s in members.items()},
         }
 
@@ -255,8 +259,12 @@ class FusionTrace:
         member_rows = "".join(
             f'<tr><td style="background:{colours[m]}">{esc(m)}</td><td>{s["rounds"]}</td>'
             f"<td>{s['calls']}</td><td>{s['wins']}</td><td>{s['tokens_won']}</td>"
-            f"<td>{s['tokens_drafted']}</td><td>{s['errors']}</td><td>{s['exited_at_round'] or '–'}</td></tr>"
+            f"<td>{s['tokens_drafted']}</td><td>{esc(server_cost(s))}</td><td>{s['errors']}</td>"
+            f"<td>{s['exited_at_round'] or '–'}</td></tr>"
             for m, s in summary["members"].items()
+        )
+        left_out = "".join(
+            f"<p class='note'>left out at start: {esc(m)}: {esc(why)}</p>" for m, why in self.left_out.items()
         )
         ttfs = summary["time_to_first_segment"] or 0.0
         totals = (
@@ -264,7 +272,8 @@ class FusionTrace:
             f"{summary['members_per_round']:.2f} members/round "
             f"({summary['members_per_round_by_tokens']:.2f} by tokens) · first segment {ttfs:.2f} s · "
             f"total {summary['total_time']:.2f} s · {summary['tokens_per_second'] or 0:.1f} tokens/s · "
-            f"finish: {esc(summary['finish_reason'])}"
+            f"finish: {esc(summary['finish_reason'])} · server prompt tokens computed: "
+            f"{esc(server_cost(summary))}"
         )
         return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{esc(title)}</title>
@@ -281,13 +290,28 @@ tr.win td {{ font-weight: bold; }}
 <p>{legend}</p>
 <div class="fused">{fused}</div>
 <h2>Summary</h2>
-<p>{totals}</p>
+<p>{totals}</p>{left_out}
 <table><tr><th>member</th><th>rounds</th><th>calls</th><th>wins</th><th>tokens won</th>
-<th>tokens drafted</th><th>errors</th><th>exited at round</th></tr>{member_rows}</table>
+<th>tokens drafted</th><th>prompt tokens computed</th><th>errors</th><th>exited at round</th></tr>
+{member_rows}</table>
 <h2>Rounds</h2>
 {"".join(rounds)}
 </body></html>
 """
+
+
+def server_cost(summary: dict[str, Any]) -> str:
+    """Prompt tokens the servers computed, as one summary (or one member's) says: "1234",
+    "1234 + up to 56 unmetered", and how many calls' servers did not report it."""
+    text = str(summary.get("prompt_tokens_computed", 0))
+    if summary.get("prompt_tokens_unmetered"):
+        text += f" + up to {summary['prompt_tokens_unmetered']} unmetered"
+    unreported = summary.get("calls_without_cost")
+    if unreported is None:  # the whole response: add up the members
+        unreported = sum(m.get("calls_without_cost", 0) for m in (summary.get("members") or {}).values())
+    if unreported:
+        text += f" ({unreported} call(s) unreported)"
+    return text
 
 
 _PALETTE = ["#ffd6a5", "#caffbf", "#9bf6ff", "#bdb2ff", "#ffc6ff", "#fdffb6", "#a0c4ff", "#ffadad"]

@@ -357,3 +357,37 @@ def _no_key_in_warnings(recwarn: pytest.WarningsRecorder) -> Iterator[None]:
     yield
     for warning in recwarn:
         assert all(key not in str(warning.message) for key in KEYS)
+
+
+# -- members that fail safe (issue 23) -------------------------------------------------
+
+
+def test_a_model_the_real_server_does_not_serve_is_refused_naming_its_served_names(
+    real_vllm: VLLMServer,
+) -> None:
+    backend = VLLMBackend(member(real_vllm, model="meta-llama/Llama-3-8B", name="typo"))
+    with pytest.raises(ConfigError) as err:
+        run(backend.info())
+    message = str(err.value)
+    assert "'typo'" in message and STORE_NAME in message and HUB_NAME in message
+    assert KEYS[0] not in message
+
+
+def test_a_key_from_the_environment_and_a_dead_member_left_out_at_start(
+    real_vllm: VLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.remote_fixtures import free_port
+
+    monkeypatch.setenv("MY_VLLM_KEY", KEYS[1])
+    monkeypatch.delenv("SPECFUSE_API_KEY", raising=False)
+    config = EnsembleConfig.build(
+        [
+            member(real_vllm, name="env-key", api_key=None, api_key_env="MY_VLLM_KEY"),
+            member(f"http://127.0.0.1:{free_port()}", name="down", api_key=None),
+        ],
+        **{**FUSION, "max_tokens": 8},
+    )
+    with fusing(config) as fuse:
+        result = fuse.generate(PROMPT)
+    assert result.text and result.trace.members == ["env-key"]
+    assert list(result.trace.left_out) == ["down"]

@@ -24,7 +24,6 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
-    stop_before_delay,
 )
 
 from specfuse.backends.base import call_attempts
@@ -185,6 +184,13 @@ class RetryPolicy:
     maximum: float = 8.0
     #: Overall seconds for one logical call, retries included (None: attempts only).
     deadline: float | None = 120.0
+    #: Seconds one attempt may take, whatever it does inside (None: the client's own timeouts).
+    #: An attempt never runs past `deadline` either.
+    attempt_timeout: float | None = None
+
+
+#: Seconds an attempt needs at least; with less of the budget left, no retry is started.
+_SHORTEST_ATTEMPT = 0.05
 
 
 def _wait(policy: RetryPolicy) -> Callable[[RetryCallState], float]:
@@ -215,11 +221,26 @@ async def with_retries(
     Failures become BackendError subclasses naming the member and the endpoint
     (URL without query or credentials); attempts are recorded in `last_attempts`.
     """
+    started = time.monotonic()
     stop = stop_after_attempt(policy.max_attempts)
     if policy.deadline is not None:
-        stop = stop | stop_before_delay(policy.deadline)
+        budget = policy.deadline
+
+        def out_of_budget(state: RetryCallState) -> bool:
+            # No attempt starts with less than _SHORTEST_ATTEMPT left: it would time out at once.
+            return time.monotonic() - started + state.upcoming_sleep >= budget - _SHORTEST_ATTEMPT
+
+        stop = stop | out_of_budget
     attempts = 0
     url = ""
+
+    def attempt_limit() -> float | None:
+        """Seconds this attempt may take: its own timeout, cut to what the budget has left."""
+        limits = [policy.attempt_timeout] if policy.attempt_timeout is not None else []
+        if policy.deadline is not None:
+            limits.append(max(0.0, policy.deadline - (time.monotonic() - started)))
+        return min(limits) if limits else None
+
     retrying = AsyncRetrying(
         stop=stop,
         wait=_wait(policy),
@@ -231,14 +252,21 @@ async def with_retries(
             with attempt:
                 attempts += 1
                 url = pool.pick()
+                limit = attempt_limit()
                 try:
-                    result = await call(url)
+                    # The limit covers the whole attempt (connect, send, every byte of the
+                    # answer): httpx's read timeout alone restarts with each byte received.
+                    async with asyncio.timeout(limit):
+                        result = await call(url)
                 except RetryableError:
                     pool.mark_down(url)
                     raise
                 except (httpx.TimeoutException, TimeoutError) as exc:
                     pool.mark_down(url)
-                    raise RetryableError(f"{what} timed out: {type(exc).__name__}") from None
+                    after = (
+                        f" after {limit:.3g} s" if isinstance(exc, TimeoutError) and limit is not None else ""
+                    )
+                    raise RetryableError(f"{what} timed out{after}: {type(exc).__name__}") from None
                 except (httpx.TransportError, OSError) as exc:
                     pool.mark_down(url)
                     raise RetryableError(f"{what} could not reach the server: {type(exc).__name__}") from None
@@ -270,6 +298,20 @@ def public_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return f"{parts.scheme}://{host}{parts.path}".rstrip("/")
+
+
+def env_client_options(module: Any) -> dict[str, Any]:
+    """Client settings that honour the environment's proxies and CAs, never its credentials.
+
+    `trust_env=True` reads HTTP(S)_PROXY, ALL_PROXY, NO_PROXY, SSL_CERT_FILE and
+    SSL_CERT_DIR, which users behind a company proxy need. httpx before 0.28 also
+    read `.netrc` credentials under trust_env (and every release turns a URL's
+    user:password into Basic auth) when a client has no `auth`; an explicit
+    no-op `Auth()` is returned by `_build_request_auth` before either is looked
+    at, so the only credential that leaves is the member's own bearer token.
+    `module` is httpx, or httpx2 for huggingface_hub's session (same API).
+    """
+    return {"trust_env": True, "auth": module.Auth()}
 
 
 class LoopClients:

@@ -19,6 +19,7 @@ from specfuse.backends._http import (
     ReplicaPool,
     RetryPolicy,
     covering_count,
+    env_client_options,
     last_attempts,
     post_json,
     public_url,
@@ -53,14 +54,20 @@ class RemoteBackend(Backend):
     ) -> None:
         self.member_name = member.display_name
         self.model = member.model
+        #: The name sent to (and checked against) the server: `served_model`, else `model`.
+        self.served_model = member.served_model or member.model
         self.urls = [u.rstrip("/") for u in member.urls]
         self.template = member.template
         self.tokenizer_name = member.tokenizer
         self.chat_template = member.chat_template
         self.timeout = member.timeout
         # The secret stays inside this object; only token_for() reads it, per URL.
-        self._api_key = member.api_key.get_secret_value() if member.api_key is not None else None
-        self.retry = retry or RetryPolicy(deadline=max(30.0, 4 * member.timeout))
+        self._api_key = member.resolved_api_key()
+        # Each attempt is cut at `timeout`; all of a call's attempts at `retry_budget`
+        # (2 x timeout by default), so a hanging server costs a call about twice its timeout.
+        self.retry = retry or RetryPolicy(
+            max_attempts=member.retries + 1, deadline=member.attempt_budget, attempt_timeout=member.timeout
+        )
         self.pool = ReplicaPool(self.urls, cooldown=cooldown)
         extra = f" (+{len(self.urls) - 1} replicas)" if len(self.urls) > 1 else ""
         self.endpoint = f"{self.protocol}:{public_url(self.urls[0])}{extra}"
@@ -78,8 +85,9 @@ class RemoteBackend(Backend):
     def _new_client(self) -> Any:
         import httpx
 
-        # No env proxies or netrc credentials: a token goes exactly where we send it.
-        return httpx.AsyncClient(timeout=self.timeout, trust_env=False, follow_redirects=False)
+        # Proxies and CA files from the environment, never its credentials (env_client_options);
+        # no redirects, so a token goes exactly where we send it.
+        return httpx.AsyncClient(timeout=self.timeout, follow_redirects=False, **env_client_options(httpx))
 
     def token(self, url: str) -> str | None:
         return token_for(url, self._api_key)
@@ -124,6 +132,24 @@ class RemoteBackend(Backend):
             if isinstance(result, Exception):
                 raise result
         return [r for r, _ in pairs]  # type: ignore[misc]
+
+    def refuse_unserved(self, served: Sequence[str]) -> None:
+        """A ConfigError when the server's models do not include the one this member names.
+
+        Without it a typo in a model id was answered, silently, by whatever model
+        the server had (docs/design.md, "Reliability", the served model).
+        """
+        if self.served_model in served:
+            return
+        asked = (
+            f"served_model={self.served_model!r}"
+            if self.served_model != self.model
+            else f"model={self.model!r}"
+        )
+        raise ConfigError(
+            f"member {self.member_name!r}: {self.endpoint} serves {list(served)}, not {asked}; set model= "
+            "to one of them, or served_model= to the served name when model names a local tokenizer"
+        )
 
     # -- prompts ----------------------------------------------------------------------
 

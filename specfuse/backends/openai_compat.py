@@ -92,6 +92,26 @@ def reported_cached_tokens(data: dict[str, Any]) -> int | None:
     return int(value) if value is not None else None
 
 
+def draft_usage(data: dict[str, Any]) -> ServerUsage | None:
+    """What a draft cost the server, from a /v1/completions answer (None without `usage`).
+
+    With --enable-prompt-tokens-details vLLM says how much of the prompt it read
+    from its prefix cache, and the rest is what it computed. Without it (the
+    default) only `prompt_tokens` is known: the server computed between none of
+    them (all cached) and all of them, so they are counted as unmetered, the
+    trace's bound for a cost the server did not report exactly, instead of the
+    draft recording no cost at all.
+    """
+    usage = data.get("usage") or {}
+    if not usage:
+        return None
+    prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    cached = reported_cached_tokens(data)
+    if cached is None:
+        return ServerUsage(prompt_tokens=prompt_tokens, cached_tokens=0, unmetered_tokens=prompt_tokens)
+    return ServerUsage(prompt_tokens=prompt_tokens, cached_tokens=cached)
+
+
 def valid_from(cached_tokens: int) -> int:
     """First prompt position whose log-prob the server computed, given its cached-token count.
 
@@ -149,7 +169,7 @@ class VLLMBackend(RemoteBackend):
 
     @property
     def _served_model(self) -> str:
-        return self._info.model_id if self._info is not None else self.model
+        return self._info.model_id if self._info is not None else self.served_model
 
     async def _post(self, url: str, path: str, payload: dict[str, Any] | None, method: str = "POST") -> Any:
         try:
@@ -166,9 +186,8 @@ class VLLMBackend(RemoteBackend):
         data = await self.call(
             "GET /v1/models", lambda url: self._post(url, "/v1/models", None, method="GET")
         )
-        models = data.get("data") or []
-        entry = next((m for m in models if m.get("id") == self.model), models[0] if models else {})
-        model_id = str(entry.get("id") or self.model)
+        entry = self._served_entry(data.get("data") or [])
+        model_id = str(entry.get("id") or self.served_model)
         cannot_score, prompt_tokens = await self._probe_scoring(model_id)
         bos = await self._special_prefix(model_id, prompt_tokens)
         extras = await asyncio.to_thread(self.text_extras)
@@ -197,6 +216,19 @@ class VLLMBackend(RemoteBackend):
             extra=extra,
         )
         return self._info
+
+    def _served_entry(self, models: list[dict[str, Any]]) -> dict[str, Any]:
+        """The /v1/models entry of the model this member names; a ConfigError when it is not served.
+
+        vLLM answers a request for a name it does not serve with 404; falling back
+        to the server's first model instead once let a typo in a model id answer,
+        silently, with another model.
+        """
+        entry = next((m for m in models if m.get("id") == self.served_model), None)
+        if entry is None:
+            self.refuse_unserved([str(m.get("id")) for m in models if m.get("id")])
+        assert entry is not None
+        return entry
 
     async def _probe_scoring(self, model_id: str) -> tuple[str, int | None]:
         """('' or why the server cannot score, in its words; the probe's prompt token count).
@@ -459,18 +491,12 @@ class VLLMBackend(RemoteBackend):
         else:
             finish = "length"
         count = len(lps) if lps else int((data.get("usage") or {}).get("completion_tokens") or 0)
-        usage = data.get("usage") or {}
         return Draft(
             text=text.rstrip("\ufffd"),
             token_count=count,
             finish_reason=finish,
             token_logprobs=tuple(lps),
-            usage=ServerUsage(
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                cached_tokens=reported_cached_tokens(data),
-            )
-            if usage
-            else None,
+            usage=draft_usage(data),
         )
 
     async def score(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:

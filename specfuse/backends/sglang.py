@@ -62,6 +62,12 @@ class SGLangBackend(RemoteBackend):
             if exc.status != 404:
                 raise
             server = {}  # a build without the route: the window stays unknown (checked by the server)
+        # The native /generate serves its one model whatever a request names, so the
+        # name is checked here: model_path, and served_model_name (a ServerArgs field,
+        # which defaults to model_path) where /get_server_info gives it.
+        served = [str(n) for n in (data.get("model_path"), server.get("served_model_name")) if n]
+        if served:
+            self.refuse_unserved(list(dict.fromkeys(served)))
         probe = await self._generate(
             {
                 "text": "Hello world",

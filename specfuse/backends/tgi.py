@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from specfuse.backends._http import RemoteError, RetryableError, error_from_status
+from specfuse.backends._http import RemoteError, RetryableError, env_client_options, error_from_status
 from specfuse.backends._remote import RemoteBackend, count_from_offsets, cut_at_stop
 from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling
 from specfuse.errors import CapabilityError, ConfigError
@@ -226,8 +226,9 @@ def _session(client: Any) -> Any:
 
     huggingface_hub's default session refuses every request under
     HF_HUB_OFFLINE=1, which is meant for the Hub, not for the inference URL a
-    user configured; it also follows redirects (carrying the token along) and
-    reads proxy settings from the environment. This session does neither.
+    user configured; it also follows redirects (carrying the token along). This
+    session does not; it honours proxies and CA files from the environment but
+    never its credentials (`_http.env_client_options`).
     """
     httpx2 = _httpx2()
     from huggingface_hub.utils._http import async_hf_response_event_hook
@@ -235,8 +236,8 @@ def _session(client: Any) -> Any:
     session = httpx2.AsyncClient(
         event_hooks={"response": [async_hf_response_event_hook]},
         follow_redirects=False,
-        trust_env=False,
         timeout=None,
+        **env_client_options(httpx2),
     )
     client.exit_stack.push_async_callback(session.aclose)
     return session
