@@ -243,7 +243,7 @@ class Gateway:
             if body.stream:
                 handed_over = True
                 return StreamingResponse(
-                    stream(call, release, started),
+                    self.sse(endpoint, stream(call, release, started)),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                     # Also released here: a stream cancelled before its first step never runs its finally.
@@ -307,6 +307,22 @@ class Gateway:
             self.metrics.in_flight.dec()
             release()
 
+    async def sse(self, endpoint: str, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        """A stream's chunks, then `[DONE]`; a failure mid-answer ends it with an error event
+        instead (no `[DONE]`: the answer did not end)."""
+        # aclosing: a client that goes away closes this generator, and the fusion inside
+        # must be closed (its member calls cancelled) now, not when it is collected.
+        async with contextlib.aclosing(chunks) as inner:
+            try:
+                async for item in inner:
+                    yield item
+            except GatewayError as exc:
+                self.metrics.errors.labels(exc.kind).inc()
+                self.metrics.requests.labels(endpoint, "stream_error").inc()
+                yield exc.sse()
+                return
+        yield "data: [DONE]\n\n"
+
     async def chat_stream(
         self,
         call: translate.CoreCall,
@@ -323,48 +339,41 @@ class Gateway:
             return _sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice], **extra))
 
         yield chunk(Delta(role="assistant", content=""))
-        try:
-            async for segment, result in self._segments(call, "/v1/chat/completions", release, started):
-                # A parsed answer (tool calls, JSON) is read whole at the end; a call's
-                # markup must not leak into content.
-                if segment.text and not call.parsed_output:
-                    yield chunk(
-                        Delta(content=segment.text),
-                        specfuse_member=segment.member,
-                        specfuse_round=segment.round,
-                    )
-                if result is None:
-                    continue
-                parsed = call.plan.parse(result.text)
-                if call.parsed_output:
-                    text = translate.content(parsed, result.text)
-                    if text:
-                        yield chunk(Delta(content=text))
-                    calls = translate.tool_calls(parsed) or []
-                    if calls:
-                        deltas = [
-                            ToolCallDelta(index=i, id=c.id, function=FunctionCall(**c.function.model_dump()))
-                            for i, c in enumerate(calls)
-                        ]
-                        yield chunk(Delta(tool_calls=deltas))
+        async for segment, result in self._segments(call, "/v1/chat/completions", release, started):
+            # A parsed answer (tool calls, JSON) is read whole at the end; a call's
+            # markup must not leak into content.
+            if segment.text and not call.parsed_output:
                 yield chunk(
-                    Delta(),
-                    finish_reason=translate.finish_reason(result, parsed),
-                    specfuse_finish_reason=result.finish_reason,
-                    specfuse_trace=result.trace.to_dict() if call.trace else None,
+                    Delta(content=segment.text),
+                    specfuse_member=segment.member,
+                    specfuse_round=segment.round,
                 )
-                if include_usage:
-                    yield _sse(
-                        ChatCompletionChunk(
-                            id=rid, created=created, model=model, choices=[], usage=translate.usage(result)
-                        )
+            if result is None:
+                continue
+            parsed = call.plan.parse(result.text)
+            if call.parsed_output:
+                text = translate.content(parsed, result.text)
+                if text:
+                    yield chunk(Delta(content=text))
+                calls = translate.tool_calls(parsed) or []
+                if calls:
+                    deltas = [
+                        ToolCallDelta(index=i, id=c.id, function=FunctionCall(**c.function.model_dump()))
+                        for i, c in enumerate(calls)
+                    ]
+                    yield chunk(Delta(tool_calls=deltas))
+            yield chunk(
+                Delta(),
+                finish_reason=translate.finish_reason(result, parsed),
+                specfuse_finish_reason=result.finish_reason,
+                specfuse_trace=result.trace.to_dict() if call.trace else None,
+            )
+            if include_usage:
+                yield _sse(
+                    ChatCompletionChunk(
+                        id=rid, created=created, model=model, choices=[], usage=translate.usage(result)
                     )
-        except GatewayError as exc:
-            self.metrics.errors.labels(exc.kind).inc()
-            self.metrics.requests.labels("/v1/chat/completions", "stream_error").inc()
-            yield exc.sse()  # no [DONE]: the answer did not end
-            return
-        yield "data: [DONE]\n\n"
+                )
 
     async def completion_stream(
         self,
@@ -380,30 +389,23 @@ class Gateway:
             choice = CompletionChoice(text=text, finish_reason=finish)
             return _sse(Completion(id=rid, created=created, model=model, choices=[choice], **extra))
 
-        try:
-            async for segment, result in self._segments(call, "/v1/completions", release, started):
-                if segment.text:
-                    yield chunk(segment.text, specfuse_member=segment.member, specfuse_round=segment.round)
-                if result is None:
-                    continue
-                yield chunk(
-                    "",
-                    translate.finish_reason(result),
-                    specfuse_finish_reason=result.finish_reason,
-                    specfuse_trace=result.trace.to_dict() if call.trace else None,
-                )
-                if include_usage:
-                    yield _sse(
-                        Completion(
-                            id=rid, created=created, model=model, choices=[], usage=translate.usage(result)
-                        )
+        async for segment, result in self._segments(call, "/v1/completions", release, started):
+            if segment.text:
+                yield chunk(segment.text, specfuse_member=segment.member, specfuse_round=segment.round)
+            if result is None:
+                continue
+            yield chunk(
+                "",
+                translate.finish_reason(result),
+                specfuse_finish_reason=result.finish_reason,
+                specfuse_trace=result.trace.to_dict() if call.trace else None,
+            )
+            if include_usage:
+                yield _sse(
+                    Completion(
+                        id=rid, created=created, model=model, choices=[], usage=translate.usage(result)
                     )
-        except GatewayError as exc:
-            self.metrics.errors.labels(exc.kind).inc()
-            self.metrics.requests.labels("/v1/completions", "stream_error").inc()
-            yield exc.sse()
-            return
-        yield "data: [DONE]\n\n"
+                )
 
 
 def create_app(engine: SpecFuse, options: GatewayOptions) -> FastAPI:
