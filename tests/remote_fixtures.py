@@ -28,6 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PAIR = ("smollm2-135m", "gemma3-270m")
 FUSION = {"temperature": 0.0, "max_tokens": 24, "seed": 7}
 PROMPT = "Name three primary colours."
+#: A TGI /generate answer with one drafted token, for scripted servers (FaultServer).
+TGI_GENERATE_OK = {
+    "generated_text": " hi",
+    "details": {
+        "finish_reason": "length",
+        "generated_tokens": 1,
+        "seed": None,
+        "prefill": [],
+        "tokens": [{"id": 1, "text": " hi", "logprob": -0.5, "special": False}],
+    },
+}
 
 
 def free_port() -> int:

@@ -24,23 +24,13 @@ from specfuse.backends import create_backend
 from specfuse.backends.base import Sampling
 from specfuse.config import MemberConfig
 from specfuse.errors import RemoteError
-from tests.remote_fixtures import FaultServer, free_port
+from tests.remote_fixtures import TGI_GENERATE_OK, FaultServer, free_port
 
-TGI_DRAFT = {
-    "generated_text": " hi",
-    "details": {
-        "finish_reason": "length",
-        "generated_tokens": 1,
-        "seed": None,
-        "prefill": [],
-        "tokens": [{"id": 1, "text": " hi", "logprob": -0.5, "special": False}],
-    },
-}
 VLLM_DRAFT = {
     "choices": [{"text": " hi", "finish_reason": "length", "logprobs": {"token_logprobs": [-0.5]}}],
     "usage": {"prompt_tokens": 2, "completion_tokens": 1},
 }
-DRAFTS = {"tgi": TGI_DRAFT, "vllm": VLLM_DRAFT}
+DRAFTS = {"tgi": TGI_GENERATE_OK, "vllm": VLLM_DRAFT}
 
 
 class ForwardProxy:

@@ -19,18 +19,7 @@ from specfuse.backends import create_backend
 from specfuse.backends._http import RetryPolicy, is_hf_hosted, last_attempts, token_for
 from specfuse.backends.base import Sampling
 from specfuse.config import MemberConfig
-from tests.remote_fixtures import fault_pair, fault_server  # noqa: F401  (fixtures)
-
-GEN_OK = {
-    "generated_text": " hi",
-    "details": {
-        "finish_reason": "length",
-        "generated_tokens": 1,
-        "seed": None,
-        "prefill": [],
-        "tokens": [{"id": 1, "text": " hi", "logprob": -0.5, "special": False}],
-    },
-}
+from tests.remote_fixtures import TGI_GENERATE_OK, fault_pair, fault_server  # noqa: F401  (fixtures)
 
 
 def backend(protocol: str, *urls: str, **kw):
@@ -59,7 +48,8 @@ def test_overload_and_waking_are_retried(fault_server, status):  # noqa: F811
 
 
 def test_generate_through_huggingface_hub_is_retried(fault_server):  # noqa: F811
-    fault_server.script((503, {"error": "Model is loading", "error_type": "unhealthy"}), (200, [GEN_OK]))
+    loading = {"error": "Model is loading", "error_type": "unhealthy"}
+    fault_server.script((503, loading), (200, [TGI_GENERATE_OK]))
     b = backend("tgi", fault_server.url)
     draft = asyncio.run(b.draft("Hello", max_tokens=3, sampling=Sampling(temperature=0)))
     assert draft.text == " hi" and draft.token_count == 1
@@ -91,7 +81,7 @@ def test_retries_stop_at_the_deadline(fault_server):  # noqa: F811
 @pytest.mark.parametrize("protocol", ["tgi", "vllm", "sglang"])
 def test_api_key_goes_to_its_host_and_hf_token_never_to_others(fault_server, monkeypatch, protocol):  # noqa: F811
     monkeypatch.setenv("HF_TOKEN", "hf_env_token_should_stay_home")
-    fault_server.script((200, GEN_OK if protocol == "tgi" else {}))
+    fault_server.script((200, TGI_GENERATE_OK if protocol == "tgi" else {}))
     keyed = backend(protocol, fault_server.url, api_key="sk-member-key")
     bare = backend(protocol, fault_server.url)
 
@@ -166,7 +156,7 @@ def test_score_retries_and_reports_attempts(fault_server):  # noqa: F811
     ]
     fault_server.script(
         (503, {"error": "waking", "error_type": "unhealthy"}),
-        (200, [{**GEN_OK, "details": {**GEN_OK["details"], "prefill": prefill}}]),
+        (200, [{**TGI_GENERATE_OK, "details": {**TGI_GENERATE_OK["details"], "prefill": prefill}}]),
     )
     b = backend("tgi", fault_server.url)
     scores, attempts = asyncio.run(attempts_of(b.score("ab", ["cd"])))
