@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from specfuse import EnsembleConfig, MemberConfig, SpecFuse
-from specfuse.backends.base import CandidateScore
+from specfuse.backends.base import CandidateScore, Sampling
 from specfuse.backends.openai_compat import _UNENCODABLE_TRIES, TOKENS_ROUTE, VLLMBackend
 from specfuse.errors import RemoteError
 from tests.vllm_server import (
@@ -197,6 +197,16 @@ def test_token_route_scores_equal_the_echo_path_and_read_the_cache(vllm_scale_ou
     asyncio.run(main())
 
 
+async def context_short_of_a_block(tokens: VLLMBackend, server: Server, short: int) -> str:
+    """A context no earlier run left in the cache, `short` tokens short of a cache block's end."""
+    block = block_size(server)
+    ids = await tokens._token_ids(context_of(3 * block, time.time_ns()))
+    cut = ids[: 3 * block - short]
+    context = str(httpx.post(server.url + "/detokenize", json={"tokens": cut}, timeout=30).json()["prompt"])
+    assert await tokens._token_ids(context) == cut
+    return context
+
+
 def test_a_cached_position_is_never_read_as_a_log_prob(vllm_scale_out: Server) -> None:
     """A candidate already in the cache (as its own draft would be) is scored by echo.
 
@@ -208,16 +218,14 @@ def test_a_cached_position_is_never_read_as_a_log_prob(vllm_scale_out: Server) -
 
     async def main() -> None:
         tokens, echo = await token_and_echo_backends(vllm_scale_out)
-        # A context no earlier run left in this server's cache.
-        ids = await tokens._token_ids(context_of(3 * block, time.time_ns()))
-        cut = ids[: 3 * block - 2]
-        context = str(
-            httpx.post(vllm_scale_out.url + "/detokenize", json={"tokens": cut}, timeout=30).json()["prompt"]
-        )
-        assert await tokens._token_ids(context) == cut
+        context = await context_short_of_a_block(tokens, vllm_scale_out, 2)
         candidate = " The farmer sold his wheat at the old stone mill by the river."
         # Token-in first: an echo request does not read the cache but does fill it.
         first = (await tokens.score(context, [candidate]))[0]
+        # Forget what the first answer computed, which would stand in for the cached
+        # positions (the next test): then nothing may.
+        assert tokens._known is not None
+        tokens._known.clear()
         again = (await tokens.score(context, [candidate]))[0]
         want = (await echo.score(context, [candidate]))[0]
         assert first.usage is not None and again.usage is not None
@@ -256,6 +264,46 @@ def test_a_cached_position_is_never_read_as_a_log_prob(vllm_scale_out: Server) -
             i for i, g in zip(positions, got, strict=True) if g is None or abs(g["logprob"] - echoed[i]) > 1.0
         ]
         assert len(wrong) > len(positions) // 2
+        await tokens.aclose()
+        await echo.aclose()
+
+    asyncio.run(main())
+
+
+def test_cached_positions_are_taken_from_the_answer_that_computed_them(vllm_scale_out: Server) -> None:
+    """A candidate whose first tokens a draft (or an earlier scoring) put in the cache costs
+    one token-in request, not an echo of the whole context: the cached positions' log-probs
+    are the ones that earlier answer returned, and they equal echo's."""
+    block = block_size(vllm_scale_out)
+
+    async def main() -> None:
+        tokens, echo = await token_and_echo_backends(vllm_scale_out)
+        assert tokens._known is not None and echo._known is None
+        # The verifier's own draft: greedy, 8 tokens past a context 2 short of a block's end,
+        # so the draft fills the block, which then reaches 2 tokens into the candidate.
+        context = await context_short_of_a_block(tokens, vllm_scale_out, 2)
+        tokens._known.clear()
+        draft = await tokens.draft(context, max_tokens=8, sampling=Sampling(temperature=0.0))
+        got = (await tokens.score(context, [draft.text]))[0]
+        want = (await echo.score(context, [draft.text]))[0]
+        assert got.usage is not None
+        if got.usage.unmetered_tokens == 0:  # (else vLLM lost tries: NaN at a cached position)
+            assert got.usage.cached_tokens is not None and got.usage.cached_tokens >= 3 * block
+            assert got.usage.requests == 1
+        assert got.usage.path == "tokens"
+        assert_close(got, want)
+        # The draft's sampled-token log-probs are the server's raw ones, as the prompt's are.
+        assert tokens._known.drafts_trusted
+        assert_close(CandidateScore(draft.token_logprobs[: len(want.token_logprobs)]), want)
+
+        # Another verifier's candidate with the same first tokens: an earlier scoring's answer serves.
+        context = await context_short_of_a_block(tokens, vllm_scale_out, 2)
+        candidate = " The farmer sold his wheat at the old stone mill by the river."
+        first = (await tokens.score(context, [candidate]))[0]
+        again = (await tokens.score(context, [candidate]))[0]
+        assert first.usage is not None and again.usage is not None
+        assert again.usage.path == "tokens" and first.usage.path == "tokens"
+        assert_close(again, first)
         await tokens.aclose()
         await echo.aclose()
 

@@ -63,6 +63,7 @@ from specfuse.backends.base import (
     Sampling,
     ServerUsage,
 )
+from specfuse.backends.known_logprobs import KnownLogprobs, shared_store
 from specfuse.config import MemberConfig
 from specfuse.errors import BackendError, CapabilityError
 
@@ -156,6 +157,8 @@ class VLLMBackend(RemoteBackend):
         self._score_max_tokens = 0
         #: A BOS text to drop from the front of prompts, for servers that add it whatever we ask.
         self._strip_prefix = ""
+        #: Log-probs this server already computed (token path only): see known_logprobs.
+        self._known: KnownLogprobs | None = None
 
     def _sent(self, prompt: str) -> str:
         """The prompt as sent: without the BOS a server adds whatever it is asked (see info())."""
@@ -205,6 +208,8 @@ class VLLMBackend(RemoteBackend):
                 endpoint=self.endpoint,
             )
         self.scoring_path = path
+        if path == "tokens":
+            self._known = shared_store(self.urls, model_id)
         extra["scoring_path"] = path
         extra["scoring_path_reason"] = reason
         self._info = BackendInfo(
@@ -479,10 +484,17 @@ class VLLMBackend(RemoteBackend):
             body["stop"] = list(stop)
         if sampling.seed is not None and sampling.temperature > 0:
             body["seed"] = sampling.seed
+        if self._known is not None:
+            # The prompt's and the draft's token ids, so that verification can reuse the
+            # draft's log-probs where this draft put its tokens in the prefix cache.
+            body["return_token_ids"] = True
         data = await self.call("POST /v1/completions", lambda url: self._post(url, "/v1/completions", body))
         choice = data["choices"][0]
         text, hit = cut_at_stop(choice.get("text") or "", stop)
-        lps = [x for x in ((choice.get("logprobs") or {}).get("token_logprobs") or []) if x is not None]
+        raw_lps = (choice.get("logprobs") or {}).get("token_logprobs") or []
+        lps = [x for x in raw_lps if x is not None]
+        if self._known is not None:
+            self._remember_draft(choice, raw_lps)
         finish: FinishReason
         if hit or (choice.get("stop_reason") is not None and choice.get("finish_reason") == "stop"):
             finish = "stop"
@@ -588,10 +600,12 @@ class VLLMBackend(RemoteBackend):
     async def _score_tokens(self, context: str, candidate: str) -> CandidateScore:
         """One candidate through the token-in route, reading the prefix cache.
 
-        A log-prob is used only where the server computed it: if the cached-token
-        count the response reports reaches into the candidate (its own draft, or
-        another verifier's request, may have put those tokens in the cache), or
-        is not reported, the candidate is scored by echo instead.
+        A log-prob is used only where the server computed it, in this request or
+        an earlier one: if the cached-token count the response reports reaches
+        into the candidate (its own draft, or another request, put those tokens
+        in the cache), the cached positions are taken from that earlier answer
+        (`known_logprobs`); when one is not known, or the count is not reported,
+        the candidate is scored by echo instead.
         """
         context_ids, full_ids = await asyncio.gather(
             self._context_token_ids(context), self._token_ids(context + candidate)
@@ -621,13 +635,21 @@ class VLLMBackend(RemoteBackend):
             usage = usage + ServerUsage(
                 prompt_tokens=len(full_ids), cached_tokens=cached, requests=1, path="tokens"
             )
-        if data is None or cached is None or valid_from(cached) > start:
+        # Positions the cache covered were computed by an earlier request with the same
+        # tokens (a draft, or a scoring): their log-probs may be known from its answer.
+        first = start if cached is None else max(start, valid_from(cached))
+        known = (
+            self._known.lookup(full_ids, range(start, first))
+            if data is not None and cached is not None and self._known is not None
+            else None
+        )
+        if data is None or cached is None or (first > start and known is None):
             fallback = (await self._score_echo(context, [candidate]))[0]
             assert fallback.usage is not None
             return CandidateScore(fallback.token_logprobs, usage=usage + fallback.usage)
         rows = data.get("prompt_logprobs") or []
-        values: list[float] = []
-        for i in range(start, len(full_ids)):
+        computed: dict[int, float] = {}
+        for i in range(first, len(full_ids)):
             entry = (rows[i] if i < len(rows) else None) or {}
             # JSON object keys are strings: the dict[int, Logprob] of the response.
             found = entry.get(str(full_ids[i]))
@@ -637,8 +659,21 @@ class VLLMBackend(RemoteBackend):
                     member=self.member_name,
                     endpoint=self.endpoint,
                 )
-            values.append(float(found["logprob"]))
+            computed[i] = float(found["logprob"])
+        if self._known is not None:
+            self._known.add(full_ids, computed, "score")
+        values = [*(known or ()), *(computed[i] for i in range(first, len(full_ids)))]
         return CandidateScore(tuple(values), usage=usage)
+
+    def _remember_draft(self, choice: dict[str, Any], logprobs: Sequence[float | None]) -> None:
+        """Keep a draft's log-probs by token position (when the server returned the token ids)."""
+        assert self._known is not None
+        prompt_ids, ids = choice.get("prompt_token_ids"), choice.get("token_ids")
+        if not isinstance(prompt_ids, list) or not isinstance(ids, list) or len(ids) < len(logprobs):
+            return  # a server without return_token_ids: nothing to align on
+        at = len(prompt_ids)
+        values = {at + j: float(lp) for j, lp in enumerate(logprobs) if lp is not None}
+        self._known.add([*prompt_ids, *ids], values, "draft")
 
     async def count_tokens(self, text: str) -> int:
         try:
