@@ -25,8 +25,19 @@ no answer finds another's context in the cache; the chat template's few
 tokens before the nonce are shared, but a cache block is 16 (GPU) or 128
 (CPU) tokens, and the block holding the nonce is new.
 
+On the token path a candidate whose first tokens an earlier request put in
+the cache (a draft on the same server fills a block once (C mod B) + s >= B)
+takes those positions' log-probs from that request's answer
+(`specfuse/backends/known_logprobs.py`); path "tokens-no-reuse" scores such
+a candidate by echo instead, as before, for a comparison in one run.
+`--block-size` sets the servers' cache block (the CPU build takes multiples
+of 32; GPU builds default to 16) and `--separate` gives each member its own
+server, where only a verifier's own requests share its cache.
+
     # a server this script starts (and stops) from a vLLM virtual environment:
     .venv/bin/python benchmarks/server_cost.py --vllm-python .venv-vllm/bin/python
+    .venv/bin/python benchmarks/server_cost.py --vllm-python .venv-vllm/bin/python \
+        --block-size 32 --separate --members 3 --paths tokens tokens-no-reuse
     # or one already running with --enable-scale-out --enable-prompt-tokens-details:
     .venv/bin/python benchmarks/server_cost.py --url http://127.0.0.1:8000
 """
@@ -43,7 +54,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,14 +110,14 @@ def read_counters(url: str) -> dict[str, float]:
 
 
 @contextmanager
-def measured(url: str) -> Iterator[list[Cost]]:
-    """Yields a list that holds the counter deltas of the block once it ends."""
+def measured(urls: list[str]) -> Iterator[list[Cost]]:
+    """Yields a list that holds the counter deltas of the block, summed over the servers, once it ends."""
     box: list[Cost] = []
-    before = read_counters(url)
+    before = [read_counters(url) for url in urls]
     yield box
     time.sleep(0.5)  # the engine publishes its stats a moment after the response
-    after = read_counters(url)
-    box.append(Cost(**{k: after[k] - before[k] for k in before}))
+    after = [read_counters(url) for url in urls]
+    box.append(Cost(**{k: sum(a[k] - b[k] for a, b in zip(after, before, strict=True)) for k in before[0]}))
 
 
 def documents(tokens: int, tokenize: Any) -> str:
@@ -123,6 +134,8 @@ def documents(tokens: int, tokenize: Any) -> str:
 
 
 URL = ""
+#: Every server of the run: URL alone, or one per member (--separate).
+URLS: list[str] = []
 
 
 def tokenize(text: str) -> list[int]:
@@ -145,7 +158,14 @@ def fused(
 ) -> tuple[Any, Cost]:
     config = EnsembleConfig.build(
         [
-            MemberConfig(model=model, name=f"m{i + 1}", backend="vllm", urls=[URL], scoring=path, timeout=600)
+            MemberConfig(
+                model=model,
+                name=f"m{i + 1}",
+                backend="vllm",
+                urls=[URLS[i % len(URLS)]],
+                scoring=path.removesuffix("-no-reuse"),
+                timeout=600,
+            )
             for i in range(members)
         ],
         temperature=0.8,
@@ -155,9 +175,12 @@ def fused(
     fuse = SpecFuse(config)
     for m in fuse.start():  # probes happen here, outside the measured block
         took = m.info.extra.get("scoring_path")
-        if took != path:
+        if took != path.removesuffix("-no-reuse"):
             raise SystemExit(f"member {m.name} scores by {took!r}, not {path!r}: {m.info.extra}")
-    with measured(URL) as box:
+        if path == "tokens-no-reuse":
+            # Without the store of known log-probs a candidate the cache reaches into goes to echo.
+            m.backend._known = None  # type: ignore[attr-defined]
+    with measured(URLS) as box:
         result = fuse.generate(msgs, seed=seed)
     fuse.close()
     return result, box[0]
@@ -174,7 +197,7 @@ def solo(model: str, msgs: list[dict[str, str]], tokens: int) -> Cost:
         "min_tokens": tokens,
         "temperature": 0.0,
     }
-    with measured(URL) as box:
+    with measured([URL]) as box:
         httpx.post(URL + "/v1/completions", json=body, timeout=600).raise_for_status()
     return box[0]
 
@@ -186,7 +209,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(python: str, model_dir: str, max_model_len: int) -> Iterator[str]:
+def server(python: str, model_dir: str, max_model_len: int, block_size: int | None = None) -> Iterator[str]:
     port = free_port()
     cmd = [
         python,
@@ -211,6 +234,7 @@ def server(python: str, model_dir: str, max_model_len: int) -> Iterator[str]:
         # set_offset on a CPU generator), and seeded drafts of 3000-token prompts are.
         "--max-num-batched-tokens",
         str(2 * max_model_len),
+        *(["--block-size", str(block_size)] if block_size else []),
     ]
     env = {
         **os.environ,
@@ -253,14 +277,41 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="store name of the served model")
     parser.add_argument("--contexts", nargs="+", type=int, default=[100, 1000, 3000])
     parser.add_argument("--members", nargs="+", type=int, default=[2, 3])
-    parser.add_argument("--paths", nargs="+", default=["echo", "tokens"], choices=["echo", "tokens"])
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=["echo", "tokens"],
+        choices=["echo", "tokens", "tokens-no-reuse"],
+        help="tokens-no-reuse: the token path scoring cached candidate positions by echo (before 2026-12-04)",
+    )
     parser.add_argument("--max-tokens", type=int, default=20, help="answer length (2 rounds of 10)")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        help="prefix-cache block of the servers started (default: 128 on CPU)",
+    )
+    parser.add_argument(
+        "--separate",
+        action="store_true",
+        help="one server per member (with --vllm-python), instead of every member on one server",
+    )
     args = parser.parse_args()
+    if args.separate and not args.vllm_python:
+        parser.error("--separate starts its servers: give --vllm-python")
 
     model_dir = str(resolve_model_path(args.model))
-    with server(args.vllm_python, model_dir, 4096) if args.vllm_python else _given(args.url) as url:
-        URL = url.rstrip("/")
+    with ExitStack() as stack:
+        if args.vllm_python:
+            count = max(args.members) if args.separate else 1
+            for _ in range(count):
+                URLS.append(stack.enter_context(server(args.vllm_python, model_dir, 4096, args.block_size)))
+        else:
+            URLS.append(args.url.rstrip("/"))
+        URL = URLS[0]
+        block = int(
+            re.search(r'block_size="(\d+)"', httpx.get(URL + "/metrics", timeout=30).text).group(1)  # type: ignore[union-attr]
+        )
         served = httpx.get(URL + "/v1/models", timeout=30).json()["data"][0]["id"]
         model = args.model if served == args.model else served
         rows = []
@@ -282,6 +333,14 @@ def main() -> None:
                         "context_tokens": len(tokenize(docs)),
                         "members": n,
                         "path": path,
+                        "block": block,
+                        "servers": len(URLS),
+                        "echo_fallbacks": sum(
+                            "echo+" in (c.scoring_path or "")
+                            for r in result.trace.rounds
+                            for c in r.calls
+                            if c.kind == "score"
+                        ),
                         "answer_tokens": answer,
                         "rounds": len(result.trace.rounds),
                         "fused_prompt_computed": cost.computed,
@@ -303,6 +362,9 @@ def main() -> None:
         "context",
         "N",
         "path",
+        "block",
+        "servers",
+        "echo fallbacks",
         "answer tok",
         "rounds",
         "prompt computed",
@@ -321,6 +383,9 @@ def main() -> None:
             str(r["context_tokens"]),
             str(r["members"]),
             r["path"],
+            str(r["block"]),
+            str(r["servers"]),
+            str(r["echo_fallbacks"]),
             str(r["answer_tokens"]),
             str(r["rounds"]),
             f"{r['fused_prompt_computed']:.0f}",
@@ -338,11 +403,6 @@ def main() -> None:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(rows, fh, indent=1)
-
-
-@contextmanager
-def _given(url: str) -> Iterator[str]:
-    yield url
 
 
 if __name__ == "__main__":
