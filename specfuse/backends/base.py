@@ -15,9 +15,12 @@ import contextvars
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from specfuse.scoring import candidate_score
+
+if TYPE_CHECKING:
+    from specfuse.config import MemberConfig
 
 FinishReason = Literal["length", "eos", "stop"]
 
@@ -142,6 +145,11 @@ class Backend(ABC):
 
     #: Human-readable place of the model, for errors and traces. Never a secret.
     endpoint: str = ""
+
+    @classmethod
+    def from_member(cls, member: MemberConfig) -> Backend:
+        """The backend of one member's settings (the registry builds every backend this way)."""
+        return cls(member)  # type: ignore[call-arg]
 
     @abstractmethod
     async def info(self) -> BackendInfo:

@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
 from specfuse.backends.base import Backend, BackendInfo, CandidateScore, Draft, Sampling
+from specfuse.config import MemberConfig
 from specfuse.errors import BackendError, ContextWindowError, ModelNotAvailableError
 
 
@@ -137,6 +138,10 @@ class LocalBackend(Backend):
         self._loaded: LoadedModel | None = None
         self._kv = _KVCache()
         self._load_lock = threading.Lock()
+
+    @classmethod
+    def from_member(cls, member: MemberConfig) -> LocalBackend:
+        return cls(member.model, dtype=member.dtype, kv_cache=member.kv_cache)
 
     # -- loading -------------------------------------------------------------
 
