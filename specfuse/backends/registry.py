@@ -167,7 +167,7 @@ def check_remote_tokenizer(member: MemberConfig) -> None:
 register_protocol(Protocol("local", "specfuse.backends.local:LocalBackend", remote=False, check=_check_local))
 for _name, _backend in (
     ("tgi", "specfuse.backends.tgi:TGIBackend"),
-    ("vllm", "specfuse.backends.openai_compat:VLLMBackend"),
+    ("vllm", "specfuse.backends.vllm:VLLMBackend"),
     ("sglang", "specfuse.backends.sglang:SGLangBackend"),
 ):
     register_protocol(Protocol(_name, _backend, check=check_remote_tokenizer))
