@@ -103,10 +103,14 @@ CONTEXT_OVERFLOW = re.compile(
             # TGI router/src/validation.rs, ValidationError::MaxTotalTokens and ::InputLength
             r"`inputs` tokens \+ `max_new_tokens` must be <=",
             r"`inputs` must have less than \d+ tokens",
-            # vLLM entrypoints/openai serving (_validate_input): "This model's maximum context
-            # length is N tokens. However, you requested M tokens ..."; its input processor:
-            # "The decoder prompt (length N) is longer than the maximum model length of M"
+            # vLLM: "This model's maximum context length is N tokens. However, ..."
+            # (vllm/renderers/params.py, TokenizeParams._token_len_check and _text_len_check;
+            # older releases: serving_engine._validate_input); "Input length (N) exceeds model's
+            # maximum context length (M)." (vllm/entrypoints/serve/utils/api_utils.py); its
+            # input processor: "The decoder prompt (length N) is longer than the maximum model
+            # length of M"
             r"maximum context length is \d+",
+            r"exceeds model's maximum",
             r"longer than the maximum model length",
             # SGLang managers/tokenizer_manager.py (_validate_one_request): "The input (N tokens)
             # is longer than the model's context length (M tokens)." and "Requested token count
@@ -300,7 +304,7 @@ def public_url(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}".rstrip("/")
 
 
-def env_client_options(module: Any) -> dict[str, Any]:
+def env_client_options() -> dict[str, Any]:
     """Client settings that honour the environment's proxies and CAs, never its credentials.
 
     `trust_env=True` reads HTTP(S)_PROXY, ALL_PROXY, NO_PROXY, SSL_CERT_FILE and
@@ -309,9 +313,8 @@ def env_client_options(module: Any) -> dict[str, Any]:
     user:password into Basic auth) when a client has no `auth`; an explicit
     no-op `Auth()` is returned by `_build_request_auth` before either is looked
     at, so the only credential that leaves is the member's own bearer token.
-    `module` is httpx, or httpx2 for huggingface_hub's session (same API).
     """
-    return {"trust_env": True, "auth": module.Auth()}
+    return {"trust_env": True, "auth": httpx.Auth()}
 
 
 class LoopClients:
@@ -354,7 +357,13 @@ async def post_json(
     response = await client.request(method, url, json=payload, headers=headers, timeout=timeout)
     if response.status_code >= 400:
         raise error_from_status(response.status_code, response.text, response.headers)
-    return response.json()
+    try:
+        return response.json()
+    except ValueError:
+        raise RemoteError(
+            f"HTTP {response.status_code}: the answer is not JSON: {response.text[:200]!r}",
+            status=response.status_code,
+        ) from None
 
 
 # -- token alignment ----------------------------------------------------------

@@ -134,10 +134,6 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-#: What vLLM says when an input does not fit (vllm/renderers/params.py,
-#: TokenizeParams._token_len_check and _text_len_check; older releases raise
-#: the same sentence from serving_engine._validate_input).
-_OVERFLOW_MARKERS = ("maximum context length", "exceeds model's maximum")
 #: A short text for probes; any plain words do.
 _PROBE_TEXT = "Hello world"
 
@@ -171,15 +167,6 @@ class VLLMBackend(RemoteBackend):
     def _served_model(self) -> str:
         return self._info.model_id if self._info is not None else self.served_model
 
-    async def _post(self, url: str, path: str, payload: dict[str, Any] | None, method: str = "POST") -> Any:
-        try:
-            return await super()._post(url, path, payload, method)
-        except RemoteError as exc:
-            message = str(exc.args[0]) if exc.args else ""
-            if exc.status == 400 and any(m in message for m in _OVERFLOW_MARKERS):
-                raise ContextWindowErrorRemote(message, status=exc.status) from None
-            raise
-
     async def info(self) -> BackendInfo:
         if self._info is not None:
             return self._info
@@ -211,7 +198,6 @@ class VLLMBackend(RemoteBackend):
             model_id=model_id,
             context_window=int(window) if window else None,
             can_score=not cannot_score,
-            concurrent_calls=True,
             max_stop_sequences=None,
             extra=extra,
         )
