@@ -132,9 +132,6 @@ class BackendInfo:
     model_id: str
     context_window: int | None = None
     can_score: bool = True
-    #: True when draft and score calls may run at the same time (HTTP servers);
-    #: False when the backend serialises them anyway (one in-process model).
-    concurrent_calls: bool = True
     #: Max stop sequences the server accepts; the engine applies the rest itself.
     max_stop_sequences: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)

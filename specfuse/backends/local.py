@@ -165,7 +165,6 @@ class LocalBackend(Backend):
             model_id=self.model_name,
             context_window=loaded.context_window,
             can_score=True,
-            concurrent_calls=False,
             extra={"bos_text": bos, "eos_text": tok.eos_token or "", "path": str(loaded.path)},
         )
 
