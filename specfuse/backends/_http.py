@@ -76,7 +76,11 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def error_from_status(status: int, body: str, headers: httpx.Headers | dict[str, str]) -> RemoteError:
-    """Map an HTTP error to a specfuse error; the server's own message is kept, headers never are."""
+    """Map an HTTP error to a specfuse error; the server's own message is kept, headers never are.
+
+    With error_from_transport, the one table from what a server did to specfuse's
+    errors, for every protocol (all of them post through post_json).
+    """
     detail = _error_detail(body)[:500]
     retry_after = parse_retry_after(headers.get("retry-after"))
     if status in (429, 503):
@@ -93,6 +97,17 @@ def error_from_status(status: int, body: str, headers: httpx.Headers | dict[str,
     if status in (400, 413, 422) and CONTEXT_OVERFLOW.search(detail):
         return ContextWindowErrorRemote(f"HTTP {status}: {detail}", status=status)
     return RemoteError(f"HTTP {status}: {detail}", status=status)
+
+
+def error_from_transport(exc: BaseException, what: str, limit: float | None = None) -> RetryableError:
+    """Map a request that got no HTTP answer (timeout, refused, reset) to a specfuse error.
+
+    `limit` is the attempt's own time limit, named when it is what ran out.
+    """
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        after = f" after {limit:.3g} s" if isinstance(exc, TimeoutError) and limit is not None else ""
+        return RetryableError(f"{what} timed out{after}: {type(exc).__name__}")
+    return RetryableError(f"{what} could not reach the server: {type(exc).__name__}")
 
 
 #: How each server words "the prompt does not fit the context window". A 422 about
@@ -265,15 +280,9 @@ async def with_retries(
                 except RetryableError:
                     pool.mark_down(url)
                     raise
-                except (httpx.TimeoutException, TimeoutError) as exc:
+                except (httpx.TimeoutException, TimeoutError, httpx.TransportError, OSError) as exc:
                     pool.mark_down(url)
-                    after = (
-                        f" after {limit:.3g} s" if isinstance(exc, TimeoutError) and limit is not None else ""
-                    )
-                    raise RetryableError(f"{what} timed out{after}: {type(exc).__name__}") from None
-                except (httpx.TransportError, OSError) as exc:
-                    pool.mark_down(url)
-                    raise RetryableError(f"{what} could not reach the server: {type(exc).__name__}") from None
+                    raise error_from_transport(exc, what, limit) from None
                 pool.mark_up(url)
                 last_attempts.set(attempts)
                 return result
