@@ -182,7 +182,13 @@ class MemberConfig(BaseModel):
 
     model: str = Field(description="Local short name or directory, or the served model id.")
     name: str | None = Field(default=None, description="Defaults to `model`.")
-    backend: BackendKind = "local"
+    backend: BackendKind = Field(
+        default="local",
+        description=(
+            "The protocol that reaches the model: 'local' (in this process), 'tgi', 'vllm', 'sglang', "
+            "or one registered with specfuse.backends.register_protocol."
+        ),
+    )
     urls: list[str] = Field(default_factory=list, description="Endpoint URL(s) of a remote member.")
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     api_key_env: str | None = Field(
