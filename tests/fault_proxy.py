@@ -49,7 +49,7 @@ class Rule:
     """
 
     kind: str
-    #: Exact paths (without query); huggingface_hub posts TGI generations to "/".
+    #: Exact paths (without query); the TGI backend posts generations to "/" (the compat route).
     paths: tuple[str, ...] = ("/", "/generate")
     status: int = 500
     body: Any = None

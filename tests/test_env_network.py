@@ -6,7 +6,7 @@ private CA sets SSL_CERT_FILE; both must reach the members through them. A
 the only secret a member sends is its bearer token. Proven with a real
 forwarding HTTP proxy on loopback that counts what passes through it, a
 loopback HTTPS server whose certificate a throwaway CA (trustme) signed, and
-both HTTP stacks (httpx for vLLM/SGLang, huggingface_hub's httpx2 for TGI).
+the one HTTP stack (httpx) every protocol posts through.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from specfuse import EnsembleConfig, SpecFuse
 from specfuse.backends._http import RemoteError
 from specfuse.backends.base import Sampling
 from specfuse.backends.local import LocalBackend
-from specfuse.backends.openai_compat import VLLMBackend
+from specfuse.backends.vllm import VLLMBackend
 from specfuse.config import MemberConfig
 from specfuse.errors import CapabilityError, ConfigError, ContextWindowError
 from specfuse.prompts import ChatFormat, PlainFormat

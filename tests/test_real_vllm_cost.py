@@ -29,7 +29,8 @@ import pytest
 
 from specfuse import EnsembleConfig, MemberConfig, SpecFuse
 from specfuse.backends.base import CandidateScore, Sampling
-from specfuse.backends.openai_compat import _UNENCODABLE_TRIES, TOKENS_ROUTE, VLLMBackend
+from specfuse.backends.vllm import VLLMBackend
+from specfuse.backends.vllm_tokens import _UNENCODABLE_TRIES, TOKENS_ROUTE
 from specfuse.errors import RemoteError
 from tests.vllm_server import (
     ENABLE_VAR,

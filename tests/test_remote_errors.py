@@ -83,16 +83,3 @@ def test_nested_error_bodies_print_their_message_not_a_dict(body: str) -> None:
     text = str(error_from_status(400, body, {}))
     assert VLLM_OVER[:60] in text
     assert "{" not in text and "'message'" not in text
-
-
-def test_tgi_without_httpx2_says_which_huggingface_hub_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    """huggingface_hub 1.x has no httpx2: building a TGI member says what to install, at once."""
-    import sys
-
-    from specfuse import ConfigError
-    from specfuse.backends import create_backend
-    from specfuse.config import MemberConfig
-
-    monkeypatch.setitem(sys.modules, "httpx2", None)  # what `import httpx2` meets under huggingface_hub 1.x
-    with pytest.raises(ConfigError, match=r"huggingface_hub >= 2\.0.*pip install -U"):
-        create_backend(MemberConfig(model="m", backend="tgi", urls=["http://127.0.0.1:9"]))

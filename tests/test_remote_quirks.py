@@ -112,7 +112,7 @@ def run(coro: Any) -> Any:
 
 def test_tgi_compat_route_returns_the_prompt_unless_told_not_to(servers):
     """The imitation's POST / defaults return_full_text to true for a text-generation model;
-    the TGI backend's drafts (huggingface_hub posts to that route) still hold only new text."""
+    the TGI backend's drafts (the TGI backend posts to that route) still hold only new text."""
     url = servers["tgi"].url
     body = {"inputs": "The sky is", "parameters": {"max_new_tokens": 3}}
     assert post(url + "/", json=body).json()[0]["generated_text"].startswith("The sky is")

@@ -47,7 +47,7 @@ def test_overload_and_waking_are_retried(fault_server, status):  # noqa: F811
     assert n == 3 and attempts == 3 and len(fault.seen) == 3
 
 
-def test_generate_through_huggingface_hub_is_retried(fault_server):  # noqa: F811
+def test_tgi_generate_is_retried(fault_server):  # noqa: F811
     loading = {"error": "Model is loading", "error_type": "unhealthy"}
     fault_server.script((503, loading), (200, [TGI_GENERATE_OK]))
     b = backend("tgi", fault_server.url)

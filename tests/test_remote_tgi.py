@@ -1,6 +1,6 @@
 """Whole fusions over real `specfuse serve --protocol tgi` servers, and TGI's contract.
 
-Proves: the HTTP path (huggingface_hub client, prefill alignment, server
+Proves: the HTTP path (plain JSON through the shared stack, prefill alignment, server
 chat templates) reaches the same greedy answer as the in-process engine; the
 server's responses validate against TGI's OpenAPI document and parse with
 huggingface_hub; Unicode candidates are scored on the same tokens as locally;
@@ -132,10 +132,11 @@ def test_tgi_contract_validates_and_parses_with_huggingface_hub(tgi):
     assert events[-1]["generated_text"] is not None
 
     async def hub() -> None:
-        client = AsyncInferenceClient(base_url=url, headers={"authorization": None})
-        from specfuse.backends.tgi import _session
+        import httpx2
 
-        client._async_client = _session(client)  # HF_HUB_OFFLINE=1 blocks the hub's default session
+        client = AsyncInferenceClient(base_url=url, headers={"authorization": None})
+        # HF_HUB_OFFLINE=1 blocks the hub's default session (meant for the Hub, not this URL).
+        client._async_client = httpx2.AsyncClient(follow_redirects=False, timeout=None)
         parsed = await client.text_generation(
             "Hello", max_new_tokens=3, details=True, decoder_input_details=True
         )

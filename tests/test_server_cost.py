@@ -12,7 +12,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from specfuse.backends.base import ServerUsage, total_usage
-from specfuse.backends.openai_compat import VLLMBackend, common_prefix, reported_cached_tokens, valid_from
+from specfuse.backends.vllm import VLLMBackend
+from specfuse.backends.vllm_tokens import common_prefix, reported_cached_tokens, valid_from
 from specfuse.config import MemberConfig
 from specfuse.errors import CapabilityError
 from specfuse.trace import CallRecord, CandidateRecord, FusionTrace, RoundRecord

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from specfuse import MemberConfig
-from specfuse.backends.openai_compat import _WARNED_OPEN_ROUTE, TOKENS_ROUTE, VLLMBackend
+from specfuse.backends.vllm import VLLMBackend
+from specfuse.backends.vllm_tokens import _WARNED_OPEN_ROUTE, TOKENS_ROUTE
 from tests.remote_fixtures import ServerProcess
 from tests.vllm_server import (
     ENABLE_VAR,

@@ -16,7 +16,7 @@ import pytest
 
 from specfuse.backends._http import RemoteError, RetryPolicy, error_from_status
 from specfuse.backends.base import Sampling
-from specfuse.backends.openai_compat import VLLMBackend
+from specfuse.backends.vllm import VLLMBackend
 from specfuse.config import MemberConfig
 from specfuse.errors import ConfigError, ContextWindowError
 from tests.remote_fixtures import FaultServer, fault_server  # noqa: F401  (fixture)

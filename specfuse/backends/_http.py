@@ -76,7 +76,11 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def error_from_status(status: int, body: str, headers: httpx.Headers | dict[str, str]) -> RemoteError:
-    """Map an HTTP error to a specfuse error; the server's own message is kept, headers never are."""
+    """Map an HTTP error to a specfuse error; the server's own message is kept, headers never are.
+
+    With error_from_transport, the one table from what a server did to specfuse's
+    errors, for every protocol (all of them post through post_json).
+    """
     detail = _error_detail(body)[:500]
     retry_after = parse_retry_after(headers.get("retry-after"))
     if status in (429, 503):
@@ -95,6 +99,17 @@ def error_from_status(status: int, body: str, headers: httpx.Headers | dict[str,
     return RemoteError(f"HTTP {status}: {detail}", status=status)
 
 
+def error_from_transport(exc: BaseException, what: str, limit: float | None = None) -> RetryableError:
+    """Map a request that got no HTTP answer (timeout, refused, reset) to a specfuse error.
+
+    `limit` is the attempt's own time limit, named when it is what ran out.
+    """
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        after = f" after {limit:.3g} s" if isinstance(exc, TimeoutError) and limit is not None else ""
+        return RetryableError(f"{what} timed out{after}: {type(exc).__name__}")
+    return RetryableError(f"{what} could not reach the server: {type(exc).__name__}")
+
+
 #: How each server words "the prompt does not fit the context window". A 422 about
 #: `max_new_tokens` alone (TGI's "`max_new_tokens` must be <= N") is not one of them.
 CONTEXT_OVERFLOW = re.compile(
@@ -103,10 +118,14 @@ CONTEXT_OVERFLOW = re.compile(
             # TGI router/src/validation.rs, ValidationError::MaxTotalTokens and ::InputLength
             r"`inputs` tokens \+ `max_new_tokens` must be <=",
             r"`inputs` must have less than \d+ tokens",
-            # vLLM entrypoints/openai serving (_validate_input): "This model's maximum context
-            # length is N tokens. However, you requested M tokens ..."; its input processor:
-            # "The decoder prompt (length N) is longer than the maximum model length of M"
+            # vLLM: "This model's maximum context length is N tokens. However, ..."
+            # (vllm/renderers/params.py, TokenizeParams._token_len_check and _text_len_check;
+            # older releases: serving_engine._validate_input); "Input length (N) exceeds model's
+            # maximum context length (M)." (vllm/entrypoints/serve/utils/api_utils.py); its
+            # input processor: "The decoder prompt (length N) is longer than the maximum model
+            # length of M"
             r"maximum context length is \d+",
+            r"exceeds model's maximum",
             r"longer than the maximum model length",
             # SGLang managers/tokenizer_manager.py (_validate_one_request): "The input (N tokens)
             # is longer than the model's context length (M tokens)." and "Requested token count
@@ -261,15 +280,9 @@ async def with_retries(
                 except RetryableError:
                     pool.mark_down(url)
                     raise
-                except (httpx.TimeoutException, TimeoutError) as exc:
+                except (httpx.TimeoutException, TimeoutError, httpx.TransportError, OSError) as exc:
                     pool.mark_down(url)
-                    after = (
-                        f" after {limit:.3g} s" if isinstance(exc, TimeoutError) and limit is not None else ""
-                    )
-                    raise RetryableError(f"{what} timed out{after}: {type(exc).__name__}") from None
-                except (httpx.TransportError, OSError) as exc:
-                    pool.mark_down(url)
-                    raise RetryableError(f"{what} could not reach the server: {type(exc).__name__}") from None
+                    raise error_from_transport(exc, what, limit) from None
                 pool.mark_up(url)
                 last_attempts.set(attempts)
                 return result
@@ -300,7 +313,7 @@ def public_url(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}".rstrip("/")
 
 
-def env_client_options(module: Any) -> dict[str, Any]:
+def env_client_options() -> dict[str, Any]:
     """Client settings that honour the environment's proxies and CAs, never its credentials.
 
     `trust_env=True` reads HTTP(S)_PROXY, ALL_PROXY, NO_PROXY, SSL_CERT_FILE and
@@ -309,9 +322,8 @@ def env_client_options(module: Any) -> dict[str, Any]:
     user:password into Basic auth) when a client has no `auth`; an explicit
     no-op `Auth()` is returned by `_build_request_auth` before either is looked
     at, so the only credential that leaves is the member's own bearer token.
-    `module` is httpx, or httpx2 for huggingface_hub's session (same API).
     """
-    return {"trust_env": True, "auth": module.Auth()}
+    return {"trust_env": True, "auth": httpx.Auth()}
 
 
 class LoopClients:
@@ -354,7 +366,13 @@ async def post_json(
     response = await client.request(method, url, json=payload, headers=headers, timeout=timeout)
     if response.status_code >= 400:
         raise error_from_status(response.status_code, response.text, response.headers)
-    return response.json()
+    try:
+        return response.json()
+    except ValueError:
+        raise RemoteError(
+            f"HTTP {response.status_code}: the answer is not JSON: {response.text[:200]!r}",
+            status=response.status_code,
+        ) from None
 
 
 # -- token alignment ----------------------------------------------------------

@@ -87,7 +87,7 @@ class RemoteBackend(Backend):
 
         # Proxies and CA files from the environment, never its credentials (env_client_options);
         # no redirects, so a token goes exactly where we send it.
-        return httpx.AsyncClient(timeout=self.timeout, follow_redirects=False, **env_client_options(httpx))
+        return httpx.AsyncClient(timeout=self.timeout, follow_redirects=False, **env_client_options())
 
     def token(self, url: str) -> str | None:
         return token_for(url, self._api_key)

@@ -15,9 +15,12 @@ import contextvars
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from specfuse.scoring import candidate_score
+
+if TYPE_CHECKING:
+    from specfuse.config import MemberConfig
 
 FinishReason = Literal["length", "eos", "stop"]
 
@@ -129,9 +132,6 @@ class BackendInfo:
     model_id: str
     context_window: int | None = None
     can_score: bool = True
-    #: True when draft and score calls may run at the same time (HTTP servers);
-    #: False when the backend serialises them anyway (one in-process model).
-    concurrent_calls: bool = True
     #: Max stop sequences the server accepts; the engine applies the rest itself.
     max_stop_sequences: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -142,6 +142,11 @@ class Backend(ABC):
 
     #: Human-readable place of the model, for errors and traces. Never a secret.
     endpoint: str = ""
+
+    @classmethod
+    def from_member(cls, member: MemberConfig) -> Backend:
+        """The backend of one member's settings (the registry builds every backend this way)."""
+        return cls(member)  # type: ignore[call-arg]
 
     @abstractmethod
     async def info(self) -> BackendInfo:

@@ -1,7 +1,7 @@
 """Log-probs a vLLM server already computed, to stand in for the positions its prefix cache skips.
 
 The token-in route computes prompt log-probs only after the cached prefix
-(`openai_compat.valid_from`); a candidate whose first tokens are in the cache
+(`vllm_tokens.valid_from`); a candidate whose first tokens are in the cache
 would otherwise be scored again by echo, which re-reads the whole context. A
 cached position was computed before, by an earlier request holding the same
 tokens up to and including it: a draft (a completion returns the log-prob of

@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
 from specfuse.backends.base import Backend, BackendInfo, CandidateScore, Draft, Sampling
+from specfuse.config import MemberConfig
 from specfuse.errors import BackendError, ContextWindowError, ModelNotAvailableError
 
 
@@ -138,6 +139,10 @@ class LocalBackend(Backend):
         self._kv = _KVCache()
         self._load_lock = threading.Lock()
 
+    @classmethod
+    def from_member(cls, member: MemberConfig) -> LocalBackend:
+        return cls(member.model, dtype=member.dtype, kv_cache=member.kv_cache)
+
     # -- loading -------------------------------------------------------------
 
     def load(self) -> LoadedModel:
@@ -160,7 +165,6 @@ class LocalBackend(Backend):
             model_id=self.model_name,
             context_window=loaded.context_window,
             can_score=True,
-            concurrent_calls=False,
             extra={"bos_text": bos, "eos_text": tok.eos_token or "", "path": str(loaded.path)},
         )
 

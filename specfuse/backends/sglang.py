@@ -84,7 +84,6 @@ class SGLangBackend(RemoteBackend):
             model_id=str(data.get("model_path") or self.model),
             context_window=int(window) if window else None,
             can_score=any(row and row[0] is not None for row in lps),
-            concurrent_calls=True,
             extra={**extras, "replicas": len(self.urls), "version": server.get("version")},
         )
         return self._info
