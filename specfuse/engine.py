@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from specfuse import scoring
 from specfuse._sync import LoopThread
 from specfuse.backends.base import (
     Backend,
-    BackendInfo,
     Draft,
     Sampling,
     ServerUsage,
@@ -47,7 +44,6 @@ from specfuse.errors import (
     AllMembersFailedError,
     CapabilityError,
     ConfigError,
-    ContextWindowError,
     RetryableError,
     SpecfuseError,
 )
@@ -61,94 +57,10 @@ from specfuse.prompts import (
     end_of_turn_tokens,
     message_text,
 )
-from specfuse.stopping import _all_stops, _cut_at_stop, _finish_reason, _pending_stop_prefix
+from specfuse.request import FusionResult, Member, Segment, Usage, _begin_by, _Request
+from specfuse.stopping import _cut_at_stop, _finish_reason, _pending_stop_prefix
 from specfuse.stopping import _find_stop as _find_stop  # re-exported: tests import it from here
-from specfuse.trace import CallRecord, CandidateRecord, FusionTrace, RoundRecord
-
-
-@dataclass
-class Member:
-    """A ready member: its backend probed, its prompt format known."""
-
-    name: str
-    backend: Backend
-    format: PromptFormat
-    roles: frozenset[str]
-    weight: float
-    info: BackendInfo
-    #: Tokens of the end-of-turn marker in this member's tokenizer (the last
-    #: tokens of a finished candidate's score count as one "stop here" unit).
-    end_of_turn_tokens: int = 1
-
-    @property
-    def drafts(self) -> bool:
-        return "draft" in self.roles
-
-    @property
-    def verifies(self) -> bool:
-        return "verify" in self.roles
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Token counts of one response.
-
-    input_tokens: the prompt as the members read it, summed over the members
-    called (each in its own tokenizer); output_tokens: the fused answer,
-    each segment counted in the tokenizer of the member that drafted it.
-    """
-
-    input_tokens: int
-    output_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
-
-
-@dataclass
-class FusionResult:
-    text: str
-    finish_reason: str
-    trace: FusionTrace
-    usage: Usage
-
-
-@dataclass
-class Segment:
-    """An accepted piece of the answer, streamed the moment it is chosen."""
-
-    text: str
-    member: str | None
-    round: int
-    #: Set on the last segment of a response only.
-    result: FusionResult | None = None
-
-
-@dataclass
-class _Request:
-    """The state of one response in flight."""
-
-    settings: FusionSettings
-    prompts: dict[str, str]
-    active: list[Member]
-    weights: dict[str, float]
-    quality: dict[str, float]
-    trace: FusionTrace
-    seed: int
-    #: Stop sequences checked in the fused text: the caller's plus every member's
-    #: turn markers, which a segment boundary may split between two drafters.
-    stops: tuple[str, ...] = ()
-    fused: str = ""
-    tokens_used: int = 0
-    max_tokens: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    #: Consecutive rounds in which every call of a member failed (docs/design.md, "Reliability").
-    failures: dict[str, int] = field(default_factory=dict)
-    #: Aggregated S per candidate member of each verified round (the exit rule's evidence).
-    history: list[dict[str, float]] = field(default_factory=list)
-    #: The member that drafts first under gating (``gate_logprob``); None when gating is off.
-    lead: str | None = None
+from specfuse.trace import CallRecord, CandidateRecord, RoundRecord
 
 
 class SpecFuse:
@@ -367,7 +279,7 @@ class SpecFuse:
             check_messages(prompt)  # bad input fails before any member is probed
         self._check_lead(settings)
         members, left_out = await self._start(None, deadline_at)
-        request = await self._begin_by(prompt, tools, settings, members, deadline_at)
+        request = await _begin_by(prompt, tools, settings, members, deadline_at, self._warm_weights)
         request.started = started
         request.trace.left_out = left_out
         emitted = 0
@@ -563,100 +475,6 @@ class SpecFuse:
         return self._loop_thread.run(self.acount_prompt_tokens(messages, tools=tools))
 
     # -- one request ---------------------------------------------------------
-
-    async def _begin_by(
-        self,
-        messages: list[Message] | FormattedPrompt,
-        tools: Sequence[dict[str, Any]] | None,
-        settings: FusionSettings,
-        members: list[Member],
-        deadline_at: float | None,
-    ) -> _Request:
-        """_begin within the request deadline: members render and count the prompt on their
-        servers, and a member that stops answering there must not hold the request up."""
-        if deadline_at is None:
-            return await self._begin(messages, tools, settings, members)
-        limit = asyncio.timeout(max(0.0, deadline_at - time.perf_counter()))
-        try:
-            async with limit:
-                return await self._begin(messages, tools, settings, members)
-        except TimeoutError:
-            if not limit.expired():
-                raise
-            raise AllMembersFailedError(
-                f"the request deadline ({settings.request_deadline} s) passed while the members "
-                f"{[m.name for m in members]} rendered and counted the prompt"
-            ) from None
-
-    async def _begin(
-        self,
-        messages: list[Message] | FormattedPrompt,
-        tools: Sequence[dict[str, Any]] | None,
-        settings: FusionSettings,
-        members: list[Member],
-    ) -> _Request:
-        prompts = await self._prompts(messages, tools, members)
-        counts = dict(
-            zip(
-                [m.name for m in members],
-                await asyncio.gather(*(m.backend.count_tokens(prompts[m.name]) for m in members)),
-                strict=True,
-            )
-        )
-        room = []
-        for m in members:
-            window = m.info.context_window
-            if window is None:
-                continue
-            if counts[m.name] >= window:
-                raise ContextWindowError(
-                    f"the prompt is {counts[m.name]} tokens for member {m.name!r}, whose context window "
-                    f"is {window}; shorten the prompt or drop that member"
-                )
-            room.append(window - counts[m.name])
-        seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31)
-        configured = {m.name: m.weight for m in members if m.verifies or m.drafts}
-        weights = scoring.initial_weights(configured)
-        if settings.warm_weights and self._warm_weights is not None:
-            weights = {**weights, **self._warm_weights}
-        trace = FusionTrace(
-            members=[m.name for m in members],
-            prompt_tokens=counts,
-            seed=seed,
-            settings=settings.model_dump(),
-        )
-        return _Request(
-            settings=settings,
-            prompts=prompts,
-            active=list(members),
-            weights=weights,
-            quality={m.name: 0.0 for m in members},
-            trace=trace,
-            seed=seed,
-            stops=_all_stops(settings.stop, members),
-            max_tokens=min([settings.max_tokens, *room]),
-            lead=_lead(settings, members),
-        )
-
-    @staticmethod
-    async def _prompts(
-        messages: list[Message] | FormattedPrompt,
-        tools: Sequence[dict[str, Any]] | None,
-        members: list[Member],
-    ) -> dict[str, str]:
-        """Each member's prompt text: its own template over the messages, or the formatted text."""
-        if isinstance(messages, FormattedPrompt):
-            if not messages.strip():
-                raise ConfigError("the prompt is empty; pass a question")
-            if tools:
-                raise ConfigError(
-                    "tools are rendered by each member's chat template, which a FormattedPrompt "
-                    "skips; pass messages instead of a FormattedPrompt to offer tools"
-                )
-            return {m.name: str(messages) for m in members}
-        checked = check_messages(messages)
-        rendered = await asyncio.gather(*(m.format.render(checked, tools) for m in members))
-        return dict(zip([m.name for m in members], rendered, strict=True))
 
     def _result(self, request: _Request, finish: str) -> FusionResult:
         trace = request.trace
@@ -1001,21 +819,6 @@ def _rebuild(
     fuse = SpecFuse(config, fusion=settings)
     fuse._warm_weights = warm_weights
     return fuse
-
-
-def _lead(settings: FusionSettings, members: Sequence[Member]) -> str | None:
-    """The member that drafts first under gating: the one named, else the highest weight.
-
-    None when gating is off, or when the named lead is not among the members that
-    started (left out at start: this request is fused in every round).
-    """
-    if settings.gate_logprob is None:
-        return None
-    drafters = [m for m in members if m.drafts]
-    if settings.lead is not None:
-        return settings.lead if settings.lead in [m.name for m in drafters] else None
-    # max() keeps the first of equals: the first listed member leads an unweighted ensemble.
-    return max(drafters, key=lambda m: m.weight).name if drafters else None
 
 
 #: A member whose every call failed this many rounds in a row sits out the rest of a response.

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from specfuse.engine import Member, _Request
     from specfuse.prompts import PromptFormat
+    from specfuse.request import Member, _Request
     from specfuse.trace import RoundRecord
 
 
