@@ -36,7 +36,7 @@ from specfuse.prompts import (
     end_of_turn_tokens,
     message_text,
 )
-from specfuse.request import FusionResult, Member, Segment, Usage, _begin_by, _Request
+from specfuse.request import FusionResult, Member, Segment, Usage, _begin, _Request
 from specfuse.rounds import _round
 from specfuse.stopping import _cut_at_stop, _finish_reason, _pending_stop_prefix
 from specfuse.stopping import _find_stop as _find_stop  # re-exported: tests import it from here
@@ -260,7 +260,7 @@ class SpecFuse:
             check_messages(prompt)  # bad input fails before any member is probed
         self._check_lead(settings)
         members, left_out = await self._start(None, deadline_at)
-        request = await _begin_by(prompt, tools, settings, members, deadline_at, self._warm_weights)
+        request = await _begin(prompt, tools, settings, members, deadline_at, self._warm_weights)
         request.started = started
         request.trace.left_out = left_out
         emitted = 0

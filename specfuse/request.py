@@ -105,7 +105,7 @@ class _Request:
     lead: str | None = None
 
 
-async def _begin_by(
+async def _begin(
     messages: list[Message] | FormattedPrompt,
     tools: Sequence[dict[str, Any]] | None,
     settings: FusionSettings,
@@ -113,14 +113,20 @@ async def _begin_by(
     deadline_at: float | None,
     warm_weights: dict[str, float] | None,
 ) -> _Request:
-    """_begin within the request deadline: members render and count the prompt on their
-    servers, and a member that stops answering there must not hold the request up."""
-    if deadline_at is None:
-        return await _begin(messages, tools, settings, members, warm_weights)
-    limit = asyncio.timeout(max(0.0, deadline_at - time.perf_counter()))
+    """A request's state. Members render and count the prompt on their servers within the
+    request deadline (`deadline_at`): a member that stops answering there must not hold
+    the request up."""
+    limit = asyncio.timeout(None if deadline_at is None else max(0.0, deadline_at - time.perf_counter()))
     try:
         async with limit:
-            return await _begin(messages, tools, settings, members, warm_weights)
+            prompts = await _prompts(messages, tools, members)
+            counts = dict(
+                zip(
+                    [m.name for m in members],
+                    await asyncio.gather(*(m.backend.count_tokens(prompts[m.name]) for m in members)),
+                    strict=True,
+                )
+            )
     except TimeoutError:
         if not limit.expired():
             raise
@@ -128,23 +134,6 @@ async def _begin_by(
             f"the request deadline ({settings.request_deadline} s) passed while the members "
             f"{[m.name for m in members]} rendered and counted the prompt"
         ) from None
-
-
-async def _begin(
-    messages: list[Message] | FormattedPrompt,
-    tools: Sequence[dict[str, Any]] | None,
-    settings: FusionSettings,
-    members: list[Member],
-    warm_weights: dict[str, float] | None,
-) -> _Request:
-    prompts = await _prompts(messages, tools, members)
-    counts = dict(
-        zip(
-            [m.name for m in members],
-            await asyncio.gather(*(m.backend.count_tokens(prompts[m.name]) for m in members)),
-            strict=True,
-        )
-    )
     room = []
     for m in members:
         window = m.info.context_window
