@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import warnings
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +52,6 @@ if TYPE_CHECKING:
 #: Keywords LlamaIndex itself passes to chat() (from _prepare_chat_with_tools):
 #: read by the tool plan, never fusion settings.
 _TOOL_KEYWORDS = ("tools", "tool_choice")
-#: Keywords an earlier version passed between _prepare_chat_with_tools and chat().
-_OLD_TOOL_KEYWORDS = ("forced_tool", "tool_instruction")
 
 _ROLES = {
     MessageRole.SYSTEM: "system",
@@ -129,26 +126,11 @@ class SpecFuseLLM(FunctionCallingLLM):
         private["_fuse"] = None
         return {**state, "__pydantic_private__": private}
 
-    @model_validator(mode="before")
-    @classmethod
-    def _rename_fusion_kwargs(cls, data: Any) -> Any:
-        """`fusion_kwargs` was this adapter's name for what both adapters now call `fusion`."""
-        if isinstance(data, dict) and "fusion_kwargs" in data:
-            warnings.warn(_FUSION_KWARGS_DEPRECATED, DeprecationWarning, stacklevel=2)
-            data = _renamed_fusion_kwargs(data)
-        return data
-
     @model_validator(mode="after")
     def _check_fusion(self) -> SpecFuseLLM:
         # Validate early, so a typo fails at construction rather than on first call.
         self.ensemble.fusion.with_overrides(**self._overrides({}))
         return self
-
-    @property
-    def fusion_kwargs(self) -> dict[str, Any]:
-        """Deprecated name of `fusion`."""
-        warnings.warn("SpecFuseLLM.fusion_kwargs is deprecated; use fusion", DeprecationWarning, stacklevel=2)
-        return self.fusion
 
     def __init__(self, ensemble: EnsembleConfig | None = None, *, fuse: SpecFuse | None = None, **data: Any):
         if fuse is not None:
@@ -157,9 +139,6 @@ class SpecFuseLLM(FunctionCallingLLM):
             ensemble = fuse.config
         if ensemble is not None:
             data["ensemble"] = ensemble
-        if "fusion_kwargs" in data:
-            warnings.warn(_FUSION_KWARGS_DEPRECATED, DeprecationWarning, stacklevel=2)
-            data = _renamed_fusion_kwargs(data)
         super().__init__(**data)
         self._fuse = fuse
 
@@ -191,7 +170,7 @@ class SpecFuseLLM(FunctionCallingLLM):
 
     @classmethod
     def _split(cls, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        own = set(cls.model_fields) - {"ensemble"} | {"fusion_kwargs"}
+        own = set(cls.model_fields) - {"ensemble"}
         return (
             {k: v for k, v in kwargs.items() if k in own},
             {k: v for k, v in kwargs.items() if k not in own},
@@ -253,8 +232,8 @@ class SpecFuseLLM(FunctionCallingLLM):
         return request_overrides(self.fusion, fields, call)
 
     def _request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> _Call:
-        call = {k: v for k, v in kwargs.items() if k not in _TOOL_KEYWORDS + _OLD_TOOL_KEYWORDS}
-        plan = ToolPlan.build(kwargs.get("tools"), _tool_choice(kwargs))
+        call = {k: v for k, v in kwargs.items() if k not in _TOOL_KEYWORDS}
+        plan = ToolPlan.build(kwargs.get("tools"), kwargs.get("tool_choice"))
         return _Call(
             plan.messages(to_specfuse_messages(messages)), plan, plan.overrides(self._overrides(call))
         )
@@ -443,15 +422,6 @@ class SpecFuseLLM(FunctionCallingLLM):
         return selections
 
 
-_FUSION_KWARGS_DEPRECATED = "SpecFuseLLM(fusion_kwargs=...) is deprecated; use fusion=..."
-
-
-def _renamed_fusion_kwargs(data: dict[str, Any]) -> dict[str, Any]:
-    data = dict(data)
-    data["fusion"] = {**(data.pop("fusion_kwargs") or {}), **(data.get("fusion") or {})}
-    return data
-
-
 def _running(segments: Iterator[Segment]) -> Iterator[tuple[str, Segment]]:
     """(text so far, segment) for each segment a stream shows: one with text, and the last."""
     text = ""
@@ -476,20 +446,6 @@ class _Call:
     messages: list[dict[str, Any]] | FormattedPrompt
     plan: ToolPlan
     overrides: dict[str, Any]
-
-
-def _tool_choice(kwargs: dict[str, Any]) -> Any:
-    """The call's tool_choice, reading the keywords an earlier version passed instead."""
-    if any(k in kwargs for k in _OLD_TOOL_KEYWORDS):
-        warnings.warn(
-            "chat(forced_tool=..., tool_instruction=...) is deprecated: pass tool_choice=<tool name>; "
-            "the instruction is written by specfuse.tool_calls",
-            DeprecationWarning,
-            stacklevel=5,
-        )
-        if kwargs.get("tool_choice") is None and kwargs.get("forced_tool"):
-            return kwargs["forced_tool"]
-    return kwargs.get("tool_choice")
 
 
 # -- message conversion --------------------------------------------------------------
