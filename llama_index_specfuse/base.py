@@ -43,6 +43,7 @@ from specfuse import (
     SpecFuse,
 )
 from specfuse.config import ADAPTER_FIELD_SETTINGS, request_overrides
+from specfuse.engine_pool import SharesEngine
 from specfuse.errors import ConfigError, ToolCallError
 from specfuse.tool_calls import ToolPlan, parse_tool_calls
 
@@ -65,7 +66,7 @@ _ROLES = {
 }
 
 
-class SpecFuseLLM(FunctionCallingLLM):
+class SpecFuseLLM(SharesEngine, FunctionCallingLLM):
     """Several LLMs fused segment by segment (SpecFuse), as one LlamaIndex LLM.
 
     >>> llm = SpecFuseLLM.local()                                   # embedded offline ensemble
@@ -107,24 +108,9 @@ class SpecFuseLLM(FunctionCallingLLM):
     )
     model: str | None = Field(default=None, description="Model name reported in metadata.")
 
-    _fuse: SpecFuse | None = PrivateAttr(default=None)
-
-    # -- copies ------------------------------------------------------------------
-    # The engine (loaded models, a loop thread, locks) is process state, not part
-    # of this object's value: a deep copy shares it, a pickle leaves it out and the
-    # unpickled object builds its own from `ensemble` on first use.
-
-    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
-        memo = {} if memo is None else memo
-        if self._fuse is not None:
-            memo[id(self._fuse)] = self._fuse
-        return super().__deepcopy__(memo)
-
-    def __getstate__(self) -> dict[Any, Any]:
-        state = super().__getstate__()
-        private = dict(state.get("__pydantic_private__") or {})
-        private["_fuse"] = None
-        return {**state, "__pydantic_private__": private}
+    _engine: SpecFuse | None = PrivateAttr(default=None)
+    #: True when the caller passed `fuse=`: that engine is the caller's, never pooled.
+    _given: bool = PrivateAttr(default=False)
 
     @model_validator(mode="after")
     def _check_fusion(self) -> SpecFuseLLM:
@@ -140,7 +126,8 @@ class SpecFuseLLM(FunctionCallingLLM):
         if ensemble is not None:
             data["ensemble"] = ensemble
         super().__init__(**data)
-        self._fuse = fuse
+        self._engine = fuse
+        self._given = fuse is not None
 
     # -- construction ----------------------------------------------------------
 
@@ -182,10 +169,10 @@ class SpecFuseLLM(FunctionCallingLLM):
 
     @property
     def engine(self) -> SpecFuse:
-        """The SpecFuse engine, built on first use and kept (its loaded models with it)."""
-        if self._fuse is None:
-            self._fuse = SpecFuse(self.ensemble.with_retries(self.max_retries))
-        return self._fuse
+        """The SpecFuse engine: the one passed as `fuse`, else shared from :mod:`specfuse.engine_pool`."""
+        if self._given and self._engine is not None:
+            return self._engine
+        return self._pooled_engine(lambda: self.ensemble.with_retries(self.max_retries))
 
     # -- metadata --------------------------------------------------------------
 
