@@ -7,8 +7,6 @@ its results into LangChain metadata.
 
 from __future__ import annotations
 
-import hashlib
-import threading
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -28,19 +26,10 @@ from specfuse import (
     SpecFuse,
 )
 from specfuse.config import ADAPTER_FIELD_SETTINGS, request_overrides
-
-#: Engines by ensemble, shared by every model object of this process (see `engine`).
-_ENGINES: dict[str, SpecFuse] = {}
-_ENGINES_LOCK = threading.Lock()
+from specfuse.engine_pool import SharesEngine
 
 
-def _secret_fingerprint(config: EnsembleConfig) -> str:
-    """Tells apart ensembles that differ only by api keys, without keeping the keys in the key."""
-    keys = "|".join(m.api_key.get_secret_value() if m.api_key else "" for m in config.members)
-    return hashlib.sha256(keys.encode()).hexdigest()
-
-
-class SpecFuseParams(BaseModel):
+class SpecFuseParams(SharesEngine, BaseModel):
     """How to reach the ensemble and the default fusion settings of each request.
 
     The ensemble comes from, in order: `config_path` (a `.toml`/`.json` ensemble
@@ -82,24 +71,6 @@ class SpecFuseParams(BaseModel):
     """Per-member keys lifted out of `members` so no secret is serialised."""
 
     _engine: SpecFuse | None = PrivateAttr(default=None)
-
-    # -- copies -----------------------------------------------------------------
-    # The engine (loaded models, a loop thread, locks) is process state shared by
-    # every model object over the same ensemble, not part of this object's value.
-
-    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
-        """A deep copy shares the engine rather than duplicating loaded models."""
-        memo = {} if memo is None else memo
-        if self._engine is not None:
-            memo[id(self._engine)] = self._engine
-        return super().__deepcopy__(memo)
-
-    def __getstate__(self) -> dict[Any, Any]:
-        """Pickled without the engine; the unpickled copy gets it again on first use."""
-        state = super().__getstate__()
-        private = dict(state.get("__pydantic_private__") or {})
-        private["_engine"] = None
-        return {**state, "__pydantic_private__": private}
 
     @model_validator(mode="before")
     @classmethod
@@ -190,18 +161,10 @@ class SpecFuseParams(BaseModel):
     def engine(self) -> SpecFuse:
         """The SpecFuse engine, built on first use and reused (models stay loaded).
 
-        Model objects with the same ensemble share one engine: LangChain code
-        creates many instances (per chain, per test, model_copy), and each new
-        engine would otherwise probe its members and hold its own KV caches.
+        Model objects with the same ensemble share one engine, from the bounded
+        pool of :mod:`specfuse.engine_pool`.
         """
-        if self._engine is None:
-            config = self.ensemble_config()
-            key = config.model_dump_json() + "|" + _secret_fingerprint(config)
-            with _ENGINES_LOCK:
-                if key not in _ENGINES:
-                    _ENGINES[key] = SpecFuse(config)
-                self._engine = _ENGINES[key]
-        return self._engine
+        return self._pooled_engine(self.ensemble_config)
 
     def _member_names(self) -> list[str]:
         if self._engine is not None:

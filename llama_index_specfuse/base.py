@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import warnings
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from specfuse import (
     SpecFuse,
 )
 from specfuse.config import ADAPTER_FIELD_SETTINGS, request_overrides
+from specfuse.engine_pool import SharesEngine
 from specfuse.errors import ConfigError, ToolCallError
 from specfuse.tool_calls import ToolPlan, parse_tool_calls
 
@@ -53,8 +53,6 @@ if TYPE_CHECKING:
 #: Keywords LlamaIndex itself passes to chat() (from _prepare_chat_with_tools):
 #: read by the tool plan, never fusion settings.
 _TOOL_KEYWORDS = ("tools", "tool_choice")
-#: Keywords an earlier version passed between _prepare_chat_with_tools and chat().
-_OLD_TOOL_KEYWORDS = ("forced_tool", "tool_instruction")
 
 _ROLES = {
     MessageRole.SYSTEM: "system",
@@ -68,7 +66,7 @@ _ROLES = {
 }
 
 
-class SpecFuseLLM(FunctionCallingLLM):
+class SpecFuseLLM(SharesEngine, FunctionCallingLLM):
     """Several LLMs fused segment by segment (SpecFuse), as one LlamaIndex LLM.
 
     >>> llm = SpecFuseLLM.local()                                   # embedded offline ensemble
@@ -110,45 +108,15 @@ class SpecFuseLLM(FunctionCallingLLM):
     )
     model: str | None = Field(default=None, description="Model name reported in metadata.")
 
-    _fuse: SpecFuse | None = PrivateAttr(default=None)
-
-    # -- copies ------------------------------------------------------------------
-    # The engine (loaded models, a loop thread, locks) is process state, not part
-    # of this object's value: a deep copy shares it, a pickle leaves it out and the
-    # unpickled object builds its own from `ensemble` on first use.
-
-    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Any:
-        memo = {} if memo is None else memo
-        if self._fuse is not None:
-            memo[id(self._fuse)] = self._fuse
-        return super().__deepcopy__(memo)
-
-    def __getstate__(self) -> dict[Any, Any]:
-        state = super().__getstate__()
-        private = dict(state.get("__pydantic_private__") or {})
-        private["_fuse"] = None
-        return {**state, "__pydantic_private__": private}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _rename_fusion_kwargs(cls, data: Any) -> Any:
-        """`fusion_kwargs` was this adapter's name for what both adapters now call `fusion`."""
-        if isinstance(data, dict) and "fusion_kwargs" in data:
-            warnings.warn(_FUSION_KWARGS_DEPRECATED, DeprecationWarning, stacklevel=2)
-            data = _renamed_fusion_kwargs(data)
-        return data
+    _engine: SpecFuse | None = PrivateAttr(default=None)
+    #: True when the caller passed `fuse=`: that engine is the caller's, never pooled.
+    _given: bool = PrivateAttr(default=False)
 
     @model_validator(mode="after")
     def _check_fusion(self) -> SpecFuseLLM:
         # Validate early, so a typo fails at construction rather than on first call.
         self.ensemble.fusion.with_overrides(**self._overrides({}))
         return self
-
-    @property
-    def fusion_kwargs(self) -> dict[str, Any]:
-        """Deprecated name of `fusion`."""
-        warnings.warn("SpecFuseLLM.fusion_kwargs is deprecated; use fusion", DeprecationWarning, stacklevel=2)
-        return self.fusion
 
     def __init__(self, ensemble: EnsembleConfig | None = None, *, fuse: SpecFuse | None = None, **data: Any):
         if fuse is not None:
@@ -157,11 +125,9 @@ class SpecFuseLLM(FunctionCallingLLM):
             ensemble = fuse.config
         if ensemble is not None:
             data["ensemble"] = ensemble
-        if "fusion_kwargs" in data:
-            warnings.warn(_FUSION_KWARGS_DEPRECATED, DeprecationWarning, stacklevel=2)
-            data = _renamed_fusion_kwargs(data)
         super().__init__(**data)
-        self._fuse = fuse
+        self._engine = fuse
+        self._given = fuse is not None
 
     # -- construction ----------------------------------------------------------
 
@@ -191,7 +157,7 @@ class SpecFuseLLM(FunctionCallingLLM):
 
     @classmethod
     def _split(cls, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        own = set(cls.model_fields) - {"ensemble"} | {"fusion_kwargs"}
+        own = set(cls.model_fields) - {"ensemble"}
         return (
             {k: v for k, v in kwargs.items() if k in own},
             {k: v for k, v in kwargs.items() if k not in own},
@@ -203,10 +169,10 @@ class SpecFuseLLM(FunctionCallingLLM):
 
     @property
     def engine(self) -> SpecFuse:
-        """The SpecFuse engine, built on first use and kept (its loaded models with it)."""
-        if self._fuse is None:
-            self._fuse = SpecFuse(self.ensemble.with_retries(self.max_retries))
-        return self._fuse
+        """The SpecFuse engine: the one passed as `fuse`, else shared from :mod:`specfuse.engine_pool`."""
+        if self._given and self._engine is not None:
+            return self._engine
+        return self._pooled_engine(lambda: self.ensemble.with_retries(self.max_retries))
 
     # -- metadata --------------------------------------------------------------
 
@@ -253,8 +219,8 @@ class SpecFuseLLM(FunctionCallingLLM):
         return request_overrides(self.fusion, fields, call)
 
     def _request(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> _Call:
-        call = {k: v for k, v in kwargs.items() if k not in _TOOL_KEYWORDS + _OLD_TOOL_KEYWORDS}
-        plan = ToolPlan.build(kwargs.get("tools"), _tool_choice(kwargs))
+        call = {k: v for k, v in kwargs.items() if k not in _TOOL_KEYWORDS}
+        plan = ToolPlan.build(kwargs.get("tools"), kwargs.get("tool_choice"))
         return _Call(
             plan.messages(to_specfuse_messages(messages)), plan, plan.overrides(self._overrides(call))
         )
@@ -443,15 +409,6 @@ class SpecFuseLLM(FunctionCallingLLM):
         return selections
 
 
-_FUSION_KWARGS_DEPRECATED = "SpecFuseLLM(fusion_kwargs=...) is deprecated; use fusion=..."
-
-
-def _renamed_fusion_kwargs(data: dict[str, Any]) -> dict[str, Any]:
-    data = dict(data)
-    data["fusion"] = {**(data.pop("fusion_kwargs") or {}), **(data.get("fusion") or {})}
-    return data
-
-
 def _running(segments: Iterator[Segment]) -> Iterator[tuple[str, Segment]]:
     """(text so far, segment) for each segment a stream shows: one with text, and the last."""
     text = ""
@@ -476,20 +433,6 @@ class _Call:
     messages: list[dict[str, Any]] | FormattedPrompt
     plan: ToolPlan
     overrides: dict[str, Any]
-
-
-def _tool_choice(kwargs: dict[str, Any]) -> Any:
-    """The call's tool_choice, reading the keywords an earlier version passed instead."""
-    if any(k in kwargs for k in _OLD_TOOL_KEYWORDS):
-        warnings.warn(
-            "chat(forced_tool=..., tool_instruction=...) is deprecated: pass tool_choice=<tool name>; "
-            "the instruction is written by specfuse.tool_calls",
-            DeprecationWarning,
-            stacklevel=5,
-        )
-        if kwargs.get("tool_choice") is None and kwargs.get("forced_tool"):
-            return kwargs["forced_tool"]
-    return kwargs.get("tool_choice")
 
 
 # -- message conversion --------------------------------------------------------------

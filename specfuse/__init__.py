@@ -4,24 +4,10 @@ The core is framework-free; `langchain_specfuse` and `llama_index_specfuse`
 adapt it to LangChain and LlamaIndex.
 """
 
+from specfuse import errors as _errors
 from specfuse.config import DEFAULT_LOCAL_MODELS, EnsembleConfig, FusionSettings, MemberConfig
 from specfuse.engine import FusionResult, Member, Segment, SpecFuse, Usage
-from specfuse.errors import (
-    AllMembersFailedError,
-    BackendError,
-    CapabilityError,
-    ConfigError,
-    ContextWindowError,
-    ContextWindowErrorRemote,
-    ModelIntegrityError,
-    ModelNotAvailableError,
-    ModelPackagesMissingError,
-    RemoteError,
-    RetryableError,
-    SpecfuseError,
-    ToolCallError,
-    UnknownModelError,
-)
+from specfuse.errors import *  # noqa: F403  (every error; the list is specfuse.errors.__all__)
 from specfuse.prompts import FormattedPrompt
 from specfuse.trace import FusionTrace
 
@@ -29,12 +15,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_LOCAL_MODELS",
-    "AllMembersFailedError",
-    "BackendError",
-    "CapabilityError",
-    "ConfigError",
-    "ContextWindowError",
-    "ContextWindowErrorRemote",
     "EnsembleConfig",
     "FormattedPrompt",
     "FusionResult",
@@ -42,15 +22,8 @@ __all__ = [
     "FusionTrace",
     "Member",
     "MemberConfig",
-    "ModelIntegrityError",
-    "ModelNotAvailableError",
-    "ModelPackagesMissingError",
-    "RemoteError",
-    "RetryableError",
     "Segment",
     "SpecFuse",
-    "SpecfuseError",
-    "ToolCallError",
-    "UnknownModelError",
     "Usage",
+    *_errors.__all__,
 ]

@@ -48,8 +48,6 @@ def _fusion_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["model_exit"] = False
     if args.self_verify:
         overrides["self_verify"] = True
-    elif args.no_self_verify:
-        overrides["self_verify"] = False
     return overrides
 
 
@@ -187,12 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lam", type=float, help="SpecEM learning rate; 0 disables online weights")
     gen.add_argument("--stop", action="append", help="a stop sequence (repeat)")
     gen.add_argument("--no-exit", action="store_true", help="disable model exit")
-    votes = gen.add_mutually_exclusive_group()
-    votes.add_argument(
+    gen.add_argument(
         "--self-verify", action="store_true", help="a verifier's vote on its own draft counts (paper's rule)"
     )
-    # Kept so existing command lines still work; it is the default now.
-    votes.add_argument("--no-self-verify", action="store_true", help="the default: no self-votes")
     gen.add_argument("--json", action="store_true", help="print the full result with its trace as JSON")
     gen.add_argument("--trace", metavar="FILE.html", help="write a self-contained HTML view of the fusion")
     gen.set_defaults(func=_generate)

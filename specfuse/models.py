@@ -40,7 +40,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-# The errors are defined in specfuse.errors; these names stay importable from here.
 from specfuse.errors import (
     ModelIntegrityError,
     ModelNotAvailableError,
@@ -58,11 +57,8 @@ __all__ = [
     "MARKER_FILE",
     "MODELS",
     "GgufPart",
-    "ModelIntegrityError",
-    "ModelPackagesMissingError",
     "ModelSpec",
     "PackagePin",
-    "UnknownModelError",
     "default_cache_dir",
     "ensure_model",
     "get_model_spec",

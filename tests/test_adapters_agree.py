@@ -8,7 +8,6 @@ through both frameworks.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import pytest
@@ -196,23 +195,6 @@ def test_an_unknown_fusion_setting_fails_at_construction_in_both() -> None:
         ChatSpecFuse(fusion={"taus": 1})
     with pytest.raises(ValueError, match="unknown fusion setting 'taus'"):
         SpecFuseLLM(fusion={"taus": 1})
-
-
-def test_llama_index_old_names_still_work_with_a_deprecation_warning() -> None:
-    with pytest.warns(DeprecationWarning, match="fusion_kwargs"):
-        llm = SpecFuseLLM.local(PAIR, fusion_kwargs={"tau": 0.5})
-    assert llm.fusion == {"tau": 0.5} and llm._settings().tau == 0.5
-    with pytest.warns(DeprecationWarning, match="fusion_kwargs"):
-        assert llm.fusion_kwargs == {"tau": 0.5}
-    with pytest.warns(DeprecationWarning, match="tool_choice"):
-        call = llm._request(
-            [ChatMessage(role=MessageRole.USER, content="hi")],
-            {"tools": SPECS, "forced_tool": "multiply", "tool_instruction": "call it"},
-        )
-    assert call.plan.forced == "multiply"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        SpecFuseLLM.local(PAIR, fusion={"tau": 0.5})  # the new name warns about nothing
 
 
 # -- one real ensemble through both frameworks ------------------------------------------

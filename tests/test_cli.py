@@ -117,6 +117,4 @@ def test_self_verify_flags_map_to_the_setting() -> None:
         return _fusion_overrides(build_parser().parse_args(["generate", "hi", *flags]))
 
     assert overrides("--self-verify")["self_verify"] is True
-    # The old flag still parses; it asks for what is now the default.
-    assert overrides("--no-self-verify")["self_verify"] is False
     assert "self_verify" not in overrides()

@@ -41,17 +41,6 @@ def test_no_other_core_module_defines_a_public_exception() -> None:
                 )
 
 
-def test_old_import_paths_are_aliases() -> None:
-    from specfuse.backends._http import ContextWindowErrorRemote, RemoteError, RetryableError
-    from specfuse.models import ModelIntegrityError, ModelPackagesMissingError, UnknownModelError
-
-    assert RemoteError is errors.RemoteError and RetryableError is errors.RetryableError
-    assert ContextWindowErrorRemote is errors.ContextWindowErrorRemote
-    assert UnknownModelError is errors.UnknownModelError
-    assert ModelPackagesMissingError is errors.ModelPackagesMissingError
-    assert ModelIntegrityError is errors.ModelIntegrityError
-
-
 def test_every_error_is_a_specfuse_error_and_input_errors_are_value_errors() -> None:
     for name in errors.__all__:
         assert issubclass(getattr(errors, name), errors.SpecfuseError), name

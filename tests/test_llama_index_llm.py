@@ -232,7 +232,7 @@ def test_constructors_need_no_model_load(tmp_path: Any) -> None:
     config.write_text('members = [{model = "smollm2-135m"}]\n[fusion]\nmax_tokens = 5\n')
     from_file = SpecFuseLLM.from_file(config)
     assert from_file._settings().max_tokens == 5
-    assert from_file._fuse is None  # nothing built, nothing loaded
+    assert from_file._engine is None  # nothing built, nothing loaded
 
 
 async def test_metadata_inside_a_running_loop_does_not_load_models() -> None:

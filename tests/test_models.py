@@ -20,13 +20,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from specfuse import models
-from specfuse.errors import ConfigError, ModelNotAvailableError, SpecfuseError
+from specfuse.errors import (
+    ConfigError,
+    ModelIntegrityError,
+    ModelNotAvailableError,
+    ModelPackagesMissingError,
+    SpecfuseError,
+    UnknownModelError,
+)
 from specfuse.models import (
     MARKER_FILE,
     MODELS,
-    ModelIntegrityError,
-    ModelPackagesMissingError,
-    UnknownModelError,
     ensure_model,
     is_converted,
     resolve_model_path,
