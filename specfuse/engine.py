@@ -39,7 +39,6 @@ from specfuse.backends.base import (
     Draft,
     Sampling,
     ServerUsage,
-    call_attempts,
     total_usage,
 )
 from specfuse.config import EnsembleConfig, FusionSettings, MemberConfig
@@ -949,10 +948,19 @@ class SpecFuse:
                 stop=[*settings.stop, *drafter.format.stops],
             )
         except (SpecfuseError, OSError, TimeoutError) as exc:
-            record.calls.append(_call_record(drafter.name, "draft", t0, error=_describe(exc)))
+            record.calls.append(
+                _call_record(drafter.name, "draft", t0, error=_describe(exc), attempts=_attempts(exc))
+            )
             return None
         record.calls.append(
-            _call_record(drafter.name, "draft", t0, tokens=draft.token_count, usage=draft.usage)
+            _call_record(
+                drafter.name,
+                "draft",
+                t0,
+                tokens=draft.token_count,
+                usage=draft.usage,
+                attempts=draft.attempts,
+            )
         )
         return draft
 
@@ -986,7 +994,9 @@ class SpecFuse:
         try:
             results = await verifier.backend.score(context, texts)
         except (SpecfuseError, OSError, TimeoutError) as exc:
-            record.calls.append(_call_record(verifier.name, "score", t0, error=_describe(exc)))
+            record.calls.append(
+                _call_record(verifier.name, "score", t0, error=_describe(exc), attempts=_attempts(exc))
+            )
             return
         record.calls.append(
             _call_record(
@@ -995,6 +1005,7 @@ class SpecFuse:
                 t0,
                 tokens=sum(len(r.token_logprobs) for r in results),
                 usage=total_usage([r.usage for r in results]),
+                attempts=max((r.attempts for r in results), default=1),
             )
         )
         by_text = dict(zip(texts, results, strict=True))
@@ -1012,6 +1023,7 @@ def _call_record(
     tokens: int = 0,
     error: str | None = None,
     usage: ServerUsage | None = None,
+    attempts: int = 1,
 ) -> CallRecord:
     """The one place a backend call becomes a trace entry (attempts from the backend's
     retries, what the call cost its server when the backend reports it)."""
@@ -1019,11 +1031,16 @@ def _call_record(
         member,
         kind,
         time.perf_counter() - started,
-        attempts=call_attempts.get(),
+        attempts=attempts,
         error=error,
         tokens=tokens,
         **_cost_fields(usage),
     )
+
+
+def _attempts(exc: BaseException) -> int:
+    """Tries a failed call made: a BackendError says, anything else made one."""
+    return getattr(exc, "attempts", 1)
 
 
 def _rebuild(
