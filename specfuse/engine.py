@@ -475,6 +475,11 @@ class SpecFuse:
     # -- one round ------------------------------------------------------------
 
 
+def _attempts(exc: BaseException) -> int:
+    """Tries a failed call made: a BackendError says, anything else made one."""
+    return getattr(exc, "attempts", 1)
+
+
 def _rebuild(
     config: EnsembleConfig, settings: FusionSettings, warm_weights: dict[str, float] | None
 ) -> SpecFuse:

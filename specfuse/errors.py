@@ -17,6 +17,7 @@ class _Requirement(Protocol):
     @property
     def requirement(self) -> str: ...
 
+
 __all__ = [
     "AllMembersFailedError",
     "BackendError",
@@ -87,13 +88,20 @@ class ModelIntegrityError(SpecfuseError):
 
 
 class BackendError(SpecfuseError):
-    """A member's backend failed; names the member and endpoint, never a token."""
+    """A member's backend failed; names the member and endpoint, never a token.
 
-    def __init__(self, message: str, *, member: str | None = None, endpoint: str | None = None) -> None:
+    `attempts` is how many tries the failed call made, retries included (the
+    trace records it).
+    """
+
+    def __init__(
+        self, message: str, *, member: str | None = None, endpoint: str | None = None, attempts: int = 1
+    ) -> None:
         where = ", ".join(p for p in (f"member {member!r}" if member else "", endpoint or "") if p)
         super().__init__(f"{message} ({where})" if where else message)
         self.member = member
         self.endpoint = endpoint
+        self.attempts = attempts
 
 
 class CapabilityError(BackendError):
@@ -111,8 +119,9 @@ class RemoteError(BackendError):
         retry_after: float | None = None,
         member: str | None = None,
         endpoint: str | None = None,
+        attempts: int = 1,
     ) -> None:
-        super().__init__(message, member=member, endpoint=endpoint)
+        super().__init__(message, member=member, endpoint=endpoint, attempts=attempts)
         self.status = status
         self.retry_after = retry_after
 

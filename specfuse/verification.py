@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from specfuse import scoring
-from specfuse.backends.base import Draft, Sampling, ServerUsage, call_attempts, total_usage
+from specfuse.backends.base import Draft, Sampling, ServerUsage, total_usage
 from specfuse.errors import SpecfuseError
 from specfuse.request import Member, _Request
 from specfuse.trace import CallRecord, RoundRecord
@@ -95,9 +95,15 @@ async def _draft(
             stop=[*settings.stop, *drafter.format.stops],
         )
     except (SpecfuseError, OSError, TimeoutError) as exc:
-        record.calls.append(_call_record(drafter.name, "draft", t0, error=_describe(exc)))
+        record.calls.append(
+            _call_record(drafter.name, "draft", t0, error=_describe(exc), attempts=_attempts(exc))
+        )
         return None
-    record.calls.append(_call_record(drafter.name, "draft", t0, tokens=draft.token_count, usage=draft.usage))
+    record.calls.append(
+        _call_record(
+            drafter.name, "draft", t0, tokens=draft.token_count, usage=draft.usage, attempts=draft.attempts
+        )
+    )
     return draft
 
 
@@ -130,7 +136,9 @@ async def _verify(
     try:
         results = await verifier.backend.score(context, texts)
     except (SpecfuseError, OSError, TimeoutError) as exc:
-        record.calls.append(_call_record(verifier.name, "score", t0, error=_describe(exc)))
+        record.calls.append(
+            _call_record(verifier.name, "score", t0, error=_describe(exc), attempts=_attempts(exc))
+        )
         return
     record.calls.append(
         _call_record(
@@ -139,6 +147,7 @@ async def _verify(
             t0,
             tokens=sum(len(r.token_logprobs) for r in results),
             usage=total_usage([r.usage for r in results]),
+            attempts=max((r.attempts for r in results), default=1),
         )
     )
     by_text = dict(zip(texts, results, strict=True))
@@ -156,6 +165,7 @@ def _call_record(
     tokens: int = 0,
     error: str | None = None,
     usage: ServerUsage | None = None,
+    attempts: int = 1,
 ) -> CallRecord:
     """The one place a backend call becomes a trace entry (attempts from the backend's
     retries, what the call cost its server when the backend reports it)."""
@@ -163,11 +173,16 @@ def _call_record(
         member,
         kind,
         time.perf_counter() - started,
-        attempts=call_attempts.get(),
+        attempts=attempts,
         error=error,
         tokens=tokens,
         **_cost_fields(usage),
     )
+
+
+def _attempts(exc: BaseException) -> int:
+    """Tries a failed call made: a BackendError says, anything else made one."""
+    return getattr(exc, "attempts", 1)
 
 
 def _call_seed(request_seed: int, member_index: int, round_index: int) -> int:

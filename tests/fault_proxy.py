@@ -56,6 +56,8 @@ class Rule:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     times: int | None = None
+    #: Only requests whose body holds these bytes (b"": every request).
+    match: bytes = b""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -144,10 +146,14 @@ class FaultProxy:
         if self._client is not None:
             await self._client.aclose()
 
-    def _pick(self, path: str) -> Rule:
+    def _pick(self, path: str, body: bytes = b"") -> Rule:
         with self._lock:
             for rule in self.rules:
-                if path.split("?")[0] in rule.paths and (rule.times is None or rule.times > 0):
+                if (
+                    path.split("?")[0] in rule.paths
+                    and rule.match in body
+                    and (rule.times is None or rule.times > 0)
+                ):
                     if rule.times is not None:
                         rule.times -= 1
                     return rule
@@ -160,7 +166,7 @@ class FaultProxy:
                 if request is None:
                     return
                 method, path, headers, body = request
-                rule = self._pick(path)
+                rule = self._pick(path, body)
                 with self._lock:
                     self.seen.append(Seen(method, path, headers, body, rule.kind, time.monotonic()))
                     self.in_flight += 1

@@ -10,6 +10,7 @@ asyncio.wait_for).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -177,3 +178,31 @@ def test_all_members_down_is_one_clear_error(
         assert f"'{member}'" in message and f"127.0.0.1:{proxy.port}" in message
     assert "503" in message and "after 3 attempts" in message
     assert time.monotonic() - t0 < 20
+
+
+def test_concurrent_calls_on_one_backend_each_record_their_own_attempts(
+    fuse: SpecFuse,
+    clean: tuple[FaultProxy, FaultProxy],
+) -> None:
+    """Two requests at once on one backend: b's draft for one is retried twice, the other's is not.
+
+    Attempts travel with each call's result, so neither trace shows the other's count.
+    """
+    _, b = clean
+    loading = {"error": "Model is loading", "error_type": "unhealthy"}
+    b.set_rules(Rule("status", status=503, body=loading, times=2, match=b"Retry me"))
+
+    async def both() -> list[Any]:
+        return list(
+            await asyncio.gather(
+                fuse.agenerate("Retry me. " + PROMPT, **SHORT), fuse.agenerate(PROMPT, **SHORT)
+            )
+        )
+
+    retried, plain = run(both(), 60)
+    retried_calls, plain_calls = calls_of(retried.trace, "b"), calls_of(plain.trace, "b")
+    assert all(c.error is None for c in retried_calls + plain_calls)
+    assert [c.attempts for c in retried_calls if c.kind == "draft"] == [3]
+    assert sum(c.attempts for c in retried_calls) == len(retried_calls) + 2
+    assert plain_calls and all(c.attempts == 1 for c in plain_calls)
+    assert b.count() == len(retried_calls) + len(plain_calls) + 2

@@ -15,8 +15,8 @@ import time
 import pytest
 
 from specfuse import BackendError
-from specfuse.backends import create_backend
-from specfuse.backends._http import RetryPolicy, is_hf_hosted, last_attempts, token_for
+from specfuse.backends import _remote, create_backend
+from specfuse.backends._http import RetryPolicy, is_hf_hosted, token_for
 from specfuse.backends.base import Sampling
 from specfuse.config import MemberConfig
 from tests.remote_fixtures import TGI_GENERATE_OK, fault_pair, fault_server  # noqa: F401  (fixtures)
@@ -31,8 +31,24 @@ def backend(protocol: str, *urls: str, **kw):
 
 
 async def attempts_of(coro):
-    result = await coro
-    return result, last_attempts.get()
+    """The result and its attempts: a score's own (each CandidateScore carries them), else
+    (count_tokens returns a bare number) the most the retrying calls it made reported."""
+    reported: list[int] = []
+    retrying = _remote.with_retries
+
+    async def recorded(*args, **kwargs):
+        result, attempts = await retrying(*args, **kwargs)
+        reported.append(attempts)
+        return result, attempts
+
+    _remote.with_retries = recorded
+    try:
+        result = await coro
+    finally:
+        _remote.with_retries = retrying
+    if isinstance(result, list):
+        return result, max(score.attempts for score in result)
+    return result, max(reported, default=1)
 
 
 @pytest.mark.parametrize("status", [429, 503])

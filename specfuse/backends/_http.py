@@ -26,10 +26,9 @@ from tenacity import (
     stop_after_attempt,
 )
 
-from specfuse.backends.base import call_attempts
-
 # The errors are defined in specfuse.errors; these names stay importable from here.
 from specfuse.errors import (
+    BackendError,
     CapabilityError,
     ContextWindowErrorRemote,
     RemoteError,
@@ -41,8 +40,6 @@ T = TypeVar("T")
 #: Hosts where an HF_TOKEN from the environment may be sent (Hugging Face hosted endpoints).
 HF_HOST_SUFFIXES = (".huggingface.co", ".hf.space", ".endpoints.huggingface.cloud")
 HF_HOSTS = ("huggingface.co", "endpoints.huggingface.cloud")
-
-last_attempts = call_attempts  # shared with the engine, which records it in the trace
 
 
 def is_hf_hosted(url: str) -> bool:
@@ -234,11 +231,12 @@ async def with_retries(
     policy: RetryPolicy,
     member: str | None,
     what: str,
-) -> T:
+) -> tuple[T, int]:
     """Run call(url) on a replica, retrying retryable failures on the next replica.
 
-    Failures become BackendError subclasses naming the member and the endpoint
-    (URL without query or credentials); attempts are recorded in `last_attempts`.
+    Returns the result and the attempts it took. Failures become BackendError
+    subclasses naming the member and the endpoint (URL without query or
+    credentials) and carrying the attempts made, in `attempts`.
     """
     started = time.monotonic()
     stop = stop_after_attempt(policy.max_attempts)
@@ -284,15 +282,15 @@ async def with_retries(
                     pool.mark_down(url)
                     raise error_from_transport(exc, what, limit) from None
                 pool.mark_up(url)
-                last_attempts.set(attempts)
-                return result
+                return result, attempts
     except CapabilityError as exc:
-        last_attempts.set(attempts)
         if exc.endpoint is None:
-            raise CapabilityError(str(exc), member=member, endpoint=public_url(url)) from None
+            raise CapabilityError(
+                str(exc), member=member, endpoint=public_url(url), attempts=attempts
+            ) from None
+        exc.attempts = attempts
         raise
     except RemoteError as exc:
-        last_attempts.set(attempts)
         suffix = f" after {attempts} attempts" if attempts > 1 else ""
         cls = type(exc)
         raise cls(
@@ -300,7 +298,11 @@ async def with_retries(
             status=exc.status,
             member=member,
             endpoint=public_url(url),
+            attempts=attempts,
         ) from None
+    except BackendError as exc:  # raised by call itself, e.g. an answer of the wrong shape
+        exc.attempts = attempts
+        raise
     raise AssertionError("unreachable: tenacity either returns or raises")
 
 

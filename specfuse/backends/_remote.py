@@ -12,6 +12,8 @@ import re
 import threading
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
 from specfuse.backends._http import (
@@ -20,7 +22,6 @@ from specfuse.backends._http import (
     RetryPolicy,
     covering_count,
     env_client_options,
-    last_attempts,
     post_json,
     public_url,
     token_for,
@@ -38,6 +39,37 @@ T = TypeVar("T")
 _TOKENIZER_LOCK = threading.Lock()
 
 _FIRST_SPECIAL = re.compile(r"^\s*(<[^<>\s]{1,40}>|</s>)")
+
+
+class Attempts:
+    """The attempts of one draft or score: the most that any of its requests needed.
+
+    A draft or score makes one, hands it to each `RemoteBackend.call` it makes
+    (the call adds its attempts, retries included, whether it succeeds or fails)
+    and puts `most` on what it returns (`Draft.attempts`, `CandidateScore.attempts`),
+    which the engine records in the trace. Used as `with Attempts() as tally:`, a
+    BackendError leaving the block carries `most` too, so a score that fails after
+    a retried request, or beside one, records those attempts.
+    """
+
+    def __init__(self) -> None:
+        self.most = 1
+
+    def add(self, attempts: int) -> None:
+        self.most = max(self.most, attempts)
+
+    def on(self, scores: Sequence[CandidateScore]) -> list[CandidateScore]:
+        """The scores with this call's attempts on each."""
+        return [replace(s, attempts=self.most) for s in scores]
+
+    def __enter__(self) -> Attempts:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if isinstance(exc, BackendError):
+            exc.attempts = max(exc.attempts, self.most)
 
 
 class RemoteBackend(Backend):
@@ -103,35 +135,44 @@ class RemoteBackend(Backend):
             method=method,
         )
 
-    async def call(self, what: str, fn: Callable[[str], Awaitable[T]]) -> T:
-        """fn(url) on a replica with retries; errors name this member and the replica."""
-        return await with_retries(fn, pool=self.pool, policy=self.retry, member=self.member_name, what=what)
+    async def call(self, what: str, fn: Callable[[str], Awaitable[T]], tally: Attempts | None = None) -> T:
+        """fn(url) on a replica with retries; errors name this member and the replica.
+
+        The attempts it took (its error's `attempts` when it fails) are added to
+        `tally`, the draft's or score's own (see `Attempts`).
+        """
+        try:
+            result, attempts = await with_retries(
+                fn, pool=self.pool, policy=self.retry, member=self.member_name, what=what
+            )
+        except BackendError as exc:
+            if tally is not None:
+                tally.add(exc.attempts)
+            raise
+        if tally is not None:
+            tally.add(attempts)
+        return result
 
     async def aclose(self) -> None:
         await self.clients.aclose()
 
     async def gather_calls(self, calls: Sequence[Awaitable[T]]) -> list[T]:
-        """Run calls concurrently; `last_attempts` then holds the most attempts any one needed.
+        """Run calls concurrently; the first failure (in order) is raised once all have ended.
 
-        (Each gathered call runs in its own task, whose context changes the
-        caller would not see.)
+        Every call is awaited, so none is left running after a sibling failed.
         """
 
-        async def one(call: Awaitable[T]) -> tuple[T | Exception, int]:
-            # Failures too carry their attempt count out of the task (otherwise a score
-            # call that failed after 3 attempts was recorded with attempts=1); and
-            # every call is awaited, so none is left running after a sibling failed.
+        async def one(call: Awaitable[T]) -> T | Exception:
             try:
-                return await call, last_attempts.get()
+                return await call
             except Exception as exc:
-                return exc, last_attempts.get()
+                return exc
 
-        pairs = await asyncio.gather(*(one(c) for c in calls))
-        last_attempts.set(max((n for _, n in pairs), default=1))
-        for result, _ in pairs:
+        results = await asyncio.gather(*(one(c) for c in calls))
+        for result in results:
             if isinstance(result, Exception):
                 raise result
-        return [r for r, _ in pairs]  # type: ignore[misc]
+        return results  # type: ignore[return-value]
 
     def refuse_unserved(self, served: Sequence[str]) -> None:
         """A ConfigError when the server's models do not include the one this member names.
@@ -311,8 +352,13 @@ class RemoteBackend(Backend):
             list(enc["input_ids"]), [(int(s), int(e)) for s, e in enc["offset_mapping"]], context_length, ids
         )
 
-    async def count_from_server(self, full_text: str, context_length: int, ids: Sequence[int]) -> int | None:
-        """Covering tokens from the server's own exact offsets, where its protocol gives them."""
+    async def count_from_server(
+        self, full_text: str, context_length: int, ids: Sequence[int], tally: Attempts | None = None
+    ) -> int | None:
+        """Covering tokens from the server's own exact offsets, where its protocol gives them.
+
+        A request made for it adds its attempts to `tally`, the score's.
+        """
         return None
 
     async def covering_tokens(
@@ -321,6 +367,7 @@ class RemoteBackend(Backend):
         context_length: int,
         ids: Sequence[int] | None,
         texts: Sequence[str | None],
+        tally: Attempts | None = None,
     ) -> int:
         """How many of the server's trailing tokens cover full_text[context_length:].
 
@@ -332,10 +379,7 @@ class RemoteBackend(Backend):
         if ids is not None:
             n = await asyncio.to_thread(self.count_with_tokenizer, full_text, context_length, ids)
             if n is None:
-                # An extra call must not hide the attempts the scoring call itself needed.
-                attempts = last_attempts.get()
-                n = await self.count_from_server(full_text, context_length, ids)
-                last_attempts.set(max(attempts, last_attempts.get()))
+                n = await self.count_from_server(full_text, context_length, ids, tally)
             if n is not None:
                 return n
         if not self._warned_text_alignment:
@@ -355,10 +399,14 @@ class RemoteBackend(Backend):
         texts: Sequence[str | None],
         logprobs: Sequence[float | None],
         ids: Sequence[int] | None = None,
+        tally: Attempts | None = None,
     ) -> CandidateScore:
-        """Log-probs of the trailing tokens that cover full_text[context_length:]."""
+        """Log-probs of the trailing tokens that cover full_text[context_length:].
+
+        A request made to align them adds its attempts to `tally`, the score's.
+        """
         try:
-            n = await self.covering_tokens(full_text, context_length, ids, texts)
+            n = await self.covering_tokens(full_text, context_length, ids, texts, tally)
         except ValueError as exc:
             raise BackendError(
                 f"cannot align the server's tokens with the text: {exc}",

@@ -11,7 +11,6 @@ to a loop, such as an HTTP client, is created lazily per running loop.
 
 from __future__ import annotations
 
-import contextvars
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,11 +22,6 @@ if TYPE_CHECKING:
     from specfuse.config import MemberConfig
 
 FinishReason = Literal["length", "eos", "stop"]
-
-#: How many attempts the backend call that just returned in this task needed
-#: (retries included). Backends that retry set it; the engine copies it into
-#: the trace. A context variable, so concurrent calls never see each other's.
-call_attempts: contextvars.ContextVar[int] = contextvars.ContextVar("specfuse_call_attempts", default=1)
 
 
 @dataclass(frozen=True)
@@ -104,6 +98,8 @@ class Draft:
     token_logprobs: tuple[float, ...] = ()
     #: What the draft cost the server, when the server reports it.
     usage: ServerUsage | None = None
+    #: Attempts the draft's request needed, retries included (the trace records it).
+    attempts: int = 1
 
     @property
     def finished(self) -> bool:
@@ -118,6 +114,9 @@ class CandidateScore:
     token_logprobs: tuple[float, ...]
     #: What scoring this candidate cost the server, when the server reports it.
     usage: ServerUsage | None = None
+    #: Attempts of the score call, retries included: the most any of its requests
+    #: needed, the same on every candidate of one call (the trace records it).
+    attempts: int = 1
 
     @property
     def mean(self) -> float:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from specfuse.backends._http import RemoteError
-from specfuse.backends._remote import RemoteBackend, cut_at_stop
+from specfuse.backends._remote import Attempts, RemoteBackend, cut_at_stop
 from specfuse.backends.base import (
     BackendInfo,
     CandidateScore,
@@ -45,8 +45,10 @@ class SGLangBackend(RemoteBackend):
         #: What learning a context's token count cost, not yet charged to a score call.
         self._uncharged: ServerUsage | None = None
 
-    async def _generate(self, payload: dict[str, Any], what: str = "POST /generate") -> Any:
-        return await self.call(what, lambda url: self._post(url, "/generate", payload))
+    async def _generate(
+        self, payload: dict[str, Any], what: str = "POST /generate", tally: Attempts | None = None
+    ) -> Any:
+        return await self.call(what, lambda url: self._post(url, "/generate", payload), tally)
 
     async def info(self) -> BackendInfo:
         if self._info is not None:
@@ -100,7 +102,10 @@ class SGLangBackend(RemoteBackend):
                 params["sampling_seed"] = sampling.seed
         if stop:
             params["stop"] = list(stop)
-        data = await self._generate({"text": context, "sampling_params": params, "return_logprob": True})
+        tally = Attempts()
+        data = await self._generate(
+            {"text": context, "sampling_params": params, "return_logprob": True}, tally=tally
+        )
         meta = data.get("meta_info") or {}
         text, hit = cut_at_stop(data.get("text") or "", stop)
         reason = meta.get("finish_reason") or {}
@@ -119,13 +124,14 @@ class SGLangBackend(RemoteBackend):
             finish_reason=finish,
             token_logprobs=tuple(float(r[0]) for r in out if r and r[0] is not None),
             usage=_usage(meta),
+            attempts=tally.most,
         )
 
-    async def _count_context(self, context: str) -> int:
+    async def _count_context(self, context: str, tally: Attempts | None = None) -> int:
         if context in self._context_tokens:
             self._context_tokens.move_to_end(context)
             return self._context_tokens[context]
-        data = await self._generate({"text": context, "sampling_params": {"max_new_tokens": 0}})
+        data = await self._generate({"text": context, "sampling_params": {"max_new_tokens": 0}}, tally=tally)
         meta = data.get("meta_info") or {}
         n = int(meta.get("prompt_tokens") or 0)
         self._uncharged = _usage(meta)
@@ -137,14 +143,17 @@ class SGLangBackend(RemoteBackend):
     async def score(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
         if not candidates:
             return []
-        start = max(0, await self._count_context(context) - _MARGIN)
-        scores = await self._score_batch(context, candidates, start)
+        with Attempts() as tally:
+            start = max(0, await self._count_context(context, tally) - _MARGIN)
+            scores = await self._score_batch(context, candidates, start, tally)
         warm, self._uncharged = self._uncharged, None
         if warm is not None and scores[0].usage is not None:
             scores[0] = CandidateScore(scores[0].token_logprobs, usage=warm + scores[0].usage)
-        return scores
+        return tally.on(scores)
 
-    async def _score_batch(self, context: str, candidates: Sequence[str], start: int) -> list[CandidateScore]:
+    async def _score_batch(
+        self, context: str, candidates: Sequence[str], start: int, tally: Attempts
+    ) -> list[CandidateScore]:
         """All of a verifier's candidates in one request.
 
         SGLang's /generate takes a list of prompts in `text` and answers a list of
@@ -162,6 +171,7 @@ class SGLangBackend(RemoteBackend):
                 "return_text_in_logprobs": True,
             },
             "POST /generate (logprobs)",
+            tally,
         )
         results = [data] if len(fulls) == 1 and isinstance(data, dict) else data
         if not isinstance(results, list) or len(results) != len(fulls):
@@ -178,7 +188,12 @@ class SGLangBackend(RemoteBackend):
             rows = meta.get("input_token_logprobs") or []
             picks.append(
                 await self.pick_covering(
-                    full, len(context), [r[2] for r in rows], [r[0] for r in rows], [int(r[1]) for r in rows]
+                    full,
+                    len(context),
+                    [r[2] for r in rows],
+                    [r[0] for r in rows],
+                    [int(r[1]) for r in rows],
+                    tally,
                 )
             )
             usages.append(_usage(meta))

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from specfuse.backends._http import RemoteError
-from specfuse.backends._remote import RemoteBackend, count_from_offsets, cut_at_stop
+from specfuse.backends._remote import Attempts, RemoteBackend, count_from_offsets, cut_at_stop
 from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling
 from specfuse.errors import BackendError, CapabilityError
 
@@ -105,7 +105,8 @@ class TGIBackend(RemoteBackend):
                 params["top_p"] = sampling.top_p
             if sampling.seed:
                 params["seed"] = sampling.seed
-        out = await self.call("POST /generate", lambda url: self._generate(url, context, **params))
+        tally = Attempts()
+        out = await self.call("POST /generate", lambda url: self._generate(url, context, **params), tally)
         details = out.get("details") or {}
         text, hit = cut_at_stop(out.get("generated_text") or "", stop)
         finish: FinishReason = "stop" if hit else _FINISH.get(str(details.get("finish_reason")), "length")
@@ -117,16 +118,20 @@ class TGIBackend(RemoteBackend):
             token_count=len(tokens),
             finish_reason=finish,
             token_logprobs=tuple(float(t["logprob"]) for t in tokens if t.get("logprob") is not None),
+            attempts=tally.most,
         )
 
     async def score(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
-        return await self.gather_calls([self._score_one(context, c) for c in candidates])
+        with Attempts() as tally:
+            scores = await self.gather_calls([self._score_one(context, c, tally) for c in candidates])
+        return tally.on(scores)
 
-    async def _score_one(self, context: str, candidate: str) -> CandidateScore:
+    async def _score_one(self, context: str, candidate: str, tally: Attempts) -> CandidateScore:
         full = context + candidate
         out = await self.call(
             "POST /generate (prefill)",
             lambda url: self._generate(url, full, max_new_tokens=1, decoder_input_details=True),
+            tally,
         )
         prefill = (out.get("details") or {}).get("prefill") or []
         if not prefill:
@@ -141,13 +146,16 @@ class TGIBackend(RemoteBackend):
             [p.get("text") for p in prefill],
             [p.get("logprob") for p in prefill],
             [int(p["id"]) for p in prefill],
+            tally,
         )
 
-    async def count_from_server(self, full_text: str, context_length: int, ids: Sequence[int]) -> int | None:
+    async def count_from_server(
+        self, full_text: str, context_length: int, ids: Sequence[int], tally: Attempts | None = None
+    ) -> int | None:
         # TGI's /tokenize gives each token's start/stop in bytes of the input
         # (router/src/server.rs, encoding_to_tokens): exact, unlike per-token texts.
         tokens = await self.call(
-            "POST /tokenize", lambda url: self._post(url, "/tokenize", {"inputs": full_text})
+            "POST /tokenize", lambda url: self._post(url, "/tokenize", {"inputs": full_text}), tally
         )
         if not isinstance(tokens, list) or not all(isinstance(t, dict) and "stop" in t for t in tokens):
             return None

@@ -51,7 +51,7 @@ from specfuse.backends._http import (
     RemoteError,
     RetryableError,
 )
-from specfuse.backends._remote import cut_at_stop
+from specfuse.backends._remote import Attempts, cut_at_stop
 from specfuse.backends.base import (
     BackendInfo,
     CandidateScore,
@@ -285,11 +285,11 @@ class VLLMBackend(TokenRoute):
             tokens, values = tokens[:prompt_tokens], values[:prompt_tokens]
         return tokens, values
 
-    async def _context_token_ids(self, context: str) -> list[int]:
+    async def _context_token_ids(self, context: str, tally: Attempts) -> list[int]:
         if context in self._context_ids:
             self._context_ids.move_to_end(context)
             return self._context_ids[context]
-        ids = await self._token_ids(context)
+        ids = await self._token_ids(context, tally)
         self._context_ids[context] = ids
         while len(self._context_ids) > _CONTEXT_CACHE:
             self._context_ids.popitem(last=False)
@@ -313,7 +313,10 @@ class VLLMBackend(TokenRoute):
             # The prompt's and the draft's token ids, so that verification can reuse the
             # draft's log-probs where this draft put its tokens in the prefix cache.
             body["return_token_ids"] = True
-        data = await self.call("POST /v1/completions", lambda url: self._post(url, "/v1/completions", body))
+        tally = Attempts()
+        data = await self.call(
+            "POST /v1/completions", lambda url: self._post(url, "/v1/completions", body), tally
+        )
         choice = data["choices"][0]
         text, hit = cut_at_stop(choice.get("text") or "", stop)
         raw_lps = (choice.get("logprobs") or {}).get("token_logprobs") or []
@@ -334,19 +337,25 @@ class VLLMBackend(TokenRoute):
             finish_reason=finish,
             token_logprobs=tuple(lps),
             usage=draft_usage(data),
+            attempts=tally.most,
         )
 
     async def score(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
-        if self.scoring_path == "tokens":
-            return await self.gather_calls([self._score_tokens(context, c) for c in candidates])
-        if self._score_max_tokens:
-            # A server that generates while echoing: one prompt per request, so that
-            # usage.prompt_tokens says where each echoed prompt ends.
-            singles = await self.gather_calls([self._score_echo(context, [c]) for c in candidates])
-            return [score for (score,) in singles]
-        return await self._score_echo(context, candidates)
+        with Attempts() as tally:
+            if self.scoring_path == "tokens":
+                scores = await self.gather_calls([self._score_tokens(context, c, tally) for c in candidates])
+            elif self._score_max_tokens:
+                # A server that generates while echoing: one prompt per request, so that
+                # usage.prompt_tokens says where each echoed prompt ends.
+                singles = await self.gather_calls([self._score_echo(context, [c], tally) for c in candidates])
+                scores = [score for (score,) in singles]
+            else:
+                scores = await self._score_echo(context, candidates, tally)
+        return tally.on(scores)
 
-    async def _score_echo(self, context: str, candidates: Sequence[str]) -> list[CandidateScore]:
+    async def _score_echo(
+        self, context: str, candidates: Sequence[str], tally: Attempts
+    ) -> list[CandidateScore]:
         """All candidates in one echo request (the completions API takes a list of prompts)."""
         fulls = [context + c for c in candidates]
         body = self._body(
@@ -362,7 +371,7 @@ class VLLMBackend(TokenRoute):
         if by_ids:
             body["return_tokens_as_token_ids"] = True
         data = await self.call(
-            "POST /v1/completions (echo)", lambda url: self._post(url, "/v1/completions", body)
+            "POST /v1/completions (echo)", lambda url: self._post(url, "/v1/completions", body), tally
         )
         choices = sorted(data.get("choices") or [], key=lambda c: int(c.get("index") or 0))
         if len(choices) != len(fulls):
@@ -391,7 +400,7 @@ class VLLMBackend(TokenRoute):
             ids = _token_ids(tokens) if by_ids else None
             sent = self._sent(full)
             picked = await self.pick_covering(
-                sent, len(sent) - (len(full) - len(context)), tokens, values, ids
+                sent, len(sent) - (len(full) - len(context)), tokens, values, ids, tally
             )
             usage = ServerUsage(
                 prompt_tokens=prompt_tokens if i == 0 else 0,
@@ -402,7 +411,9 @@ class VLLMBackend(TokenRoute):
             scores.append(CandidateScore(picked.token_logprobs, usage=usage))
         return scores
 
-    async def _candidate_start(self, context: str, context_ids: list[int], full_ids: list[int]) -> int:
+    async def _candidate_start(
+        self, context: str, context_ids: list[int], full_ids: list[int], tally: Attempts
+    ) -> int:
         """Index in full_ids of the first token covering the candidate (see Backend.score).
 
         When the context's token ids are a prefix of the full text's, that is where
@@ -416,13 +427,14 @@ class VLLMBackend(TokenRoute):
             head = await self.call(
                 "POST /detokenize",
                 lambda url, n=start + 1: self._post(url, "/detokenize", {"tokens": full_ids[:n]}),
+                tally,
             )
             if not context.startswith(str(head.get("prompt") or "\ufffd")):
                 break
             start += 1
         return start
 
-    async def _score_tokens(self, context: str, candidate: str) -> CandidateScore:
+    async def _score_tokens(self, context: str, candidate: str, tally: Attempts) -> CandidateScore:
         """One candidate through the token-in route, reading the prefix cache.
 
         A log-prob is used only where the server computed it, in this request or
@@ -433,9 +445,9 @@ class VLLMBackend(TokenRoute):
         the candidate is scored by echo instead.
         """
         context_ids, full_ids = await asyncio.gather(
-            self._context_token_ids(context), self._token_ids(context + candidate)
+            self._context_token_ids(context, tally), self._token_ids(context + candidate, tally)
         )
-        start = await self._candidate_start(context, context_ids, full_ids)
+        start = await self._candidate_start(context, context_ids, full_ids, tally)
         if start >= len(full_ids):
             raise BackendError(
                 f"candidate {candidate!r} adds no token after the context",
@@ -444,7 +456,7 @@ class VLLMBackend(TokenRoute):
             )
         body = self._tokens_body(self._served_model, full_ids)
         data, failed = await self.call(
-            f"POST {TOKENS_ROUTE} (prompt log-probs)", lambda url: self._post_tokens(url, body)
+            f"POST {TOKENS_ROUTE} (prompt log-probs)", lambda url: self._post_tokens(url, body), tally
         )
         cached = None if data is None else reported_cached_tokens(data)
         # A failed try was computed too, but its answer, and with it the count of
@@ -469,7 +481,7 @@ class VLLMBackend(TokenRoute):
             else None
         )
         if data is None or cached is None or (first > start and known is None):
-            fallback = (await self._score_echo(context, [candidate]))[0]
+            fallback = (await self._score_echo(context, [candidate], tally))[0]
             assert fallback.usage is not None
             return CandidateScore(fallback.token_logprobs, usage=usage + fallback.usage)
         rows = data.get("prompt_logprobs") or []

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from specfuse.backends._http import RemoteError, post_json, public_url
-from specfuse.backends._remote import RemoteBackend
+from specfuse.backends._remote import Attempts, RemoteBackend
 
 #: vLLM's token-in route, served when it is started with --enable-scale-out
 #: (vllm/entrypoints/scale_out/token_in_token_out/api_router.py).
@@ -192,10 +192,11 @@ class TokenRoute(RemoteBackend):
             },
         }
 
-    async def _token_ids(self, text: str) -> list[int]:
-        """The server's own token ids of text, with no special tokens added."""
+    async def _token_ids(self, text: str, tally: Attempts | None = None) -> list[int]:
+        """The server's own token ids of text, with no special tokens added (attempts to `tally`)."""
         data = await self.call(
             "POST /tokenize",
             lambda url: self._post(url, "/tokenize", {"prompt": text, "add_special_tokens": False}),
+            tally,
         )
         return [int(t) for t in data.get("tokens") or []]
