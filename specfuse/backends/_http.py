@@ -365,7 +365,19 @@ async def post_json(
 ) -> Any:
     """One JSON request; error statuses become RemoteError / RetryableError."""
     headers = {"authorization": f"Bearer {token}"} if token else {}
-    response = await client.request(method, url, json=payload, headers=headers, timeout=timeout)
+    # The request runs in a task of its own, cancelled once when the caller is. A
+    # caller inside an anyio scope that was cancelled (Starlette's, when a gateway
+    # client goes away) is cancelled again at every await, and httpcore's clean-up
+    # then left the pooled connection open, so the server kept working for nobody
+    # (tests/test_gateway.py, test_disconnect_mid_stream_cancels_member_calls).
+    sent = asyncio.ensure_future(client.request(method, url, json=payload, headers=headers, timeout=timeout))
+    # Retrieved here whatever happens, so a failure after the caller left is not logged as lost.
+    sent.add_done_callback(lambda task: task.cancelled() or task.exception())
+    try:
+        response = await asyncio.shield(sent)
+    except BaseException:
+        sent.cancel()
+        raise
     if response.status_code >= 400:
         raise error_from_status(response.status_code, response.text, response.headers)
     try:
