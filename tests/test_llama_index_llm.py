@@ -236,7 +236,11 @@ def test_constructors_need_no_model_load(tmp_path: Any) -> None:
 
 
 async def test_metadata_inside_a_running_loop_does_not_load_models() -> None:
-    llm = SpecFuseLLM.local(["smollm2-135m"], max_tokens=7)
+    # An engine of its own: one from the shared pool (specfuse.engine_pool) may have been
+    # started by another model object with the same ensemble.
+    from specfuse import EnsembleConfig, SpecFuse
+
+    llm = SpecFuseLLM(fuse=SpecFuse(EnsembleConfig.local(["smollm2-135m"])), max_tokens=7)
     meta = llm.metadata
     # The engine's estimate from the model registry until an async call has measured the real window.
     assert meta.context_window == llm.engine.usable_window(measure=False)

@@ -354,14 +354,14 @@ def test_an_answer_vllm_cannot_encode_on_every_try_is_scored_by_echo(
         got = (await tokens.score(context, [candidate]))[0]
         want = (await echo.score(context, [candidate]))[0]
         assert_close(got, want)
-        assert token_tries == [3]
+        assert token_tries == [_UNENCODABLE_TRIES]
         assert got.usage is not None and want.usage is not None
         assert got.usage.path == "echo+tokens"
-        assert got.usage.requests == 3 + 1  # three unreadable token-in tries, one echo
+        assert got.usage.requests == _UNENCODABLE_TRIES + 1  # every token-in try unreadable, one echo
         # The lost tries' cache use is unknown: their tokens are unmetered, and what
         # the server reported computing is the echo request alone.
         full = len(await tokens._token_ids(context + candidate))
-        assert got.usage.unmetered_tokens == 3 * full
+        assert got.usage.unmetered_tokens == _UNENCODABLE_TRIES * full
         assert got.usage.computed_tokens == want.usage.computed_tokens
         await tokens.aclose()
         await echo.aclose()
