@@ -6,7 +6,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from specfuse.backends.known_logprobs import DRAFT_TOLERANCE, KnownLogprobs, shared_prefix, shared_store
+from specfuse.backends.known_logprobs import DRAFT_TOLERANCE, KnownLogprobs, shared_store
+from specfuse.backends.vllm_tokens import common_prefix
 
 
 def naive_prefix(a: list[int], b: list[int]) -> int:
@@ -20,8 +21,9 @@ def naive_prefix(a: list[int], b: list[int]) -> int:
 @example([], [1])
 @example([1, 2, 3], [1, 2, 3])
 @example([1, 2, 3], [1, 2, 4])
-def test_shared_prefix_is_the_longest_common_prefix(a: list[int], b: list[int]) -> None:
-    assert shared_prefix(tuple(a), tuple(b)) == naive_prefix(a, b)
+def test_common_prefix_is_the_longest_common_prefix(a: list[int], b: list[int]) -> None:
+    assert common_prefix(a, b) == naive_prefix(a, b)
+    assert common_prefix(tuple(a), b) == naive_prefix(a, b)
 
 
 def test_a_position_is_known_only_after_the_same_tokens() -> None:

@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from specfuse.backends.vllm_tokens import common_prefix
+
 #: How many token sequences a store keeps: a round adds one per draft and one per scoring.
 CAPACITY = 48
 #: Largest difference (nats) between a draft's log-prob and a scoring's for the same position
@@ -45,20 +47,6 @@ class _Known:
     #: position -> log-prob of ids[position] after ids[:position]
     values: Mapping[int, float]
     source: Source
-
-
-def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix, by slice comparisons (fast on long contexts)."""
-    lo, hi = 0, min(len(a), len(b))
-    if a[:hi] == b[:hi]:
-        return hi
-    while lo < hi:  # invariant: a[:lo] == b[:lo], a[:hi + 1] != b[:hi + 1]
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 class KnownLogprobs:
@@ -88,7 +76,7 @@ class KnownLogprobs:
         for known in reversed(self._known):
             if known.source == "draft" and not self.drafts_trusted:
                 continue
-            shared = shared_prefix(known.ids, ids)
+            shared = common_prefix(known.ids, ids)
             for p in positions:
                 if p < shared and p not in found and p in known.values:
                     found[p] = known.values[p]
@@ -100,7 +88,7 @@ class KnownLogprobs:
         for known in self._known:
             if known.source != "draft":
                 continue
-            shared = shared_prefix(known.ids, ids)
+            shared = common_prefix(known.ids, ids)
             for p, value in values.items():
                 if p < shared and p in known.values and abs(known.values[p] - value) > DRAFT_TOLERANCE:
                     self.drafts_trusted = False

@@ -64,13 +64,22 @@ def valid_from(cached_tokens: int) -> int:
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token id lists."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+    """Length of the longest common prefix of two token id sequences.
+
+    By slice comparisons, which run in C: contexts are thousands of tokens and
+    the store of known log-probs compares each candidate with dozens of them.
+    """
+    a, b = tuple(a), tuple(b)  # a list never equals a tuple, so compare like with like
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:  # invariant: a[:lo] == b[:lo], a[:hi + 1] != b[:hi + 1]
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class TokenRoute(RemoteBackend):
