@@ -45,7 +45,10 @@ DEFAULT_API_KEY_ENV = "SPECFUSE_API_KEY"
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 #: The embedded offline ensemble: the three PyPI-shipped models (docs/design.md, "Offline models").
-DEFAULT_LOCAL_MODELS: tuple[str, ...] = ("smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m")
+#: The strongest alone comes first, because the first listed leads gated fusion in an
+#: unweighted ensemble: qwen2.5-coder-0.5b was the best member alone on the IFEval knob
+#: split (prompts 101-150; benchmarks/RESULTS.md, "Gated fusion ... the default").
+DEFAULT_LOCAL_MODELS: tuple[str, ...] = ("qwen2.5-coder-0.5b", "smollm2-135m", "gemma3-270m")
 
 
 class FusionSettings(BaseModel):
@@ -88,12 +91,17 @@ class FusionSettings(BaseModel):
     # otherwise the others draft too and everyone verifies, as in every round without
     # gating. Fusion pays off where members disagree, which is a small share of the
     # positions of an answer (SAFE, arXiv 2510.15346; GaC, arXiv 2406.12585).
-    # None: every round is fused (the paper's loop).
+    # None: every round is fused (the paper's loop). -0.5 was chosen on the IFEval knob
+    # split (prompts 101-150), where it kept the ungated loop's verdicts at 46 % of its
+    # calls; on the report split (1-100) it scored 26/100 against 22 for the best member
+    # alone and 21 for the ungated loop, at 37 % of plain fusion's calls
+    # (benchmarks/RESULTS.md, "Gated fusion").
     gate_logprob: Annotated[
         float | None, Field(le=0.0, description="Lead's mean log-prob per token that skips a round.")
-    ] = None
+    ] = -0.5
     # The member that drafts first under gating: a member name, or None for the member
-    # with the highest configured weight (the first listed among equals).
+    # with the highest configured weight (the first listed among equals). Gating pays
+    # only when the lead is the strongest member: list it first, or name it here.
     lead: str | None = None
 
     # SpecEM online weights

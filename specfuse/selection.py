@@ -41,9 +41,8 @@ from specfuse.errors import ConfigError
 #: Decides whether an answer to a prompt row passes.
 Checker = Callable[[dict[str, Any], str], bool]
 
-#: The gate of the gated configurations unless told otherwise: on the IFEval knob split
-#: -0.5 kept the ungated default's verdicts at 46 % of its calls (benchmarks/RESULTS.md).
-DEFAULT_GATE_LOGPROB = -0.5
+#: The gate of the gated configurations unless told otherwise: the library's default.
+DEFAULT_GATE_LOGPROB: float = FusionSettings.model_fields["gate_logprob"].default
 
 
 @dataclass(frozen=True)

@@ -391,7 +391,7 @@ async def test_without_gating_no_round_is_gated() -> None:
     log: list = []
     a = ScriptedBackend("a", "A", 0.01, log, logprob=-0.01)
     b = ScriptedBackend("b", "B", 0.01, log, logprob=-0.01)
-    result = await fuse_of(a, b, max_tokens=2).agenerate("hi")
+    result = await fuse_of(a, b, max_tokens=2, gate_logprob=None).agenerate("hi")
     assert result.trace.rounds[0].gated is None and result.trace.rounds[0].gate_reason == ""
     assert sorted(draft_calls(result.trace.rounds[0])) == ["a", "b"]
 
@@ -411,7 +411,7 @@ async def test_the_lead_never_exits() -> None:
     table = {"A": -3.0, "B": -1.0, "C": -1.2}
     members = [TableBackend(n, [n.upper()], table, log) for n in "abc"]
     settings = {"max_tokens": 20, "model_exit": True, "exit_warmup": 2, "exit_patience": 2, "lam": 0}
-    ungated = await fuse_of(*members, **settings).agenerate("hi")
+    ungated = await fuse_of(*members, **settings, gate_logprob=None).agenerate("hi")
     assert [m for r in ungated.trace.rounds for m in r.exits] == ["a"]
     for m in members:
         m.rounds = 0
