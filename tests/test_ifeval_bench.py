@@ -67,7 +67,7 @@ def test_a_language_check_gives_the_same_verdict_every_time() -> None:
     """langdetect samples at random; these cached answers (Arabic, Bengali) passed
     and failed their language check in turns before it was seeded."""
     prompts = {p.key: p for p in bench.load_prompts(bench.DEFAULT_DATA, limit=150)}
-    rows = (bench.DEFAULT_CACHE / "default-0db376df0c.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = (bench.DEFAULT_CACHE / "default+gate_logprob_null-0db376df0c.jsonl").read_text(encoding="utf-8").splitlines()
     answers = {json.loads(line)["key"]: json.loads(line)["response"] for line in rows}
     for key in (3241, 3744):
         verdicts = {bench.score_response(prompts[key], answers[key]) for _ in range(40)}
@@ -187,16 +187,43 @@ def test_solo_and_whole_cache_keys_stay_those_of_the_tracked_cache() -> None:
     for name in ("solo:smollm2-135m", "solo:gemma3-270m"):
         assert (bench.DEFAULT_CACHE / f"{modes[name].cache_id(s)}.jsonl").exists()
     default = modes["default"].fusion_settings(s)
-    assert default == FusionSettings(max_tokens=128, temperature=0.6, top_p=0.9, seed=1234).model_dump(
-        mode="json"
-    )
+    assert default == FusionSettings(
+        max_tokens=128, temperature=0.6, top_p=0.9, seed=1234, lead=bench.DEFAULT_LEAD
+    ).model_dump(mode="json")
     assert modes["fuse"].fusion_settings(s)["self_verify"] is True  # the paper's plain SpecFuse
+    assert modes["fuse"].fusion_settings(s)["gate_logprob"] is None  # every round fused
     # A knob added at its inert value (no_repeat_words=0) keeps the 150 cached default
     # and fuse answers; change these names only with a default that changes answers.
-    assert modes["default"].cache_id(s) == "default-0db376df0c"
+    assert modes["default"].cache_id(s) == "default-88573ccfd1"
     assert modes["fuse"].cache_id(s) == "fuse-bab1915138"
     for name in ("default", "fuse"):
         assert (bench.DEFAULT_CACHE / f"{modes[name].cache_id(s)}.jsonl").exists()
+
+
+def test_two_spellings_of_one_configuration_share_their_answers(tmp_path: Path) -> None:
+    """The cache key hashes the resolved settings, not how the mode was written: the
+    gated run cached as `default+gate_logprob=-0.5+lead=...` is the default's answers
+    once the library's default gate is -0.5, and the ungated default stays reachable."""
+    s = bench.BenchSettings()
+    members = bench.DEFAULT_MEMBERS
+    spelled_name = f"default+gate_logprob=-0.5+lead={bench.DEFAULT_LEAD}"
+    names = ["default", spelled_name, "default+gate_logprob=null", "fuse"]
+    modes = {m.name: m for m in bench.expand_modes(names, members)}
+    default, spelled, ungated, fuse = (modes[n] for n in names)
+    assert default.cache_digest(s) == spelled.cache_digest(s) != ungated.cache_digest(s)
+    # The ungated default keeps the key of the answers cached before gating was the default.
+    assert ungated.cache_digest(s) == "0db376df0c"
+    # Without a gate, no lead changes an answer, so none is in the key.
+    other_lead = bench.expand_modes(["default+gate_logprob=null+lead=gemma3-270m"], members)[-1]
+    assert other_lead.cache_digest(s) == ungated.cache_digest(s)
+    # A file written under one spelling is read under the other.
+    cache = bench.Cache(tmp_path, s)
+    prompt = bench.Prompt(key=7, prompt="Say hi.", instruction_id_list=[], kwargs=[])
+    cache.put(spelled, prompt, {"response": "hi"})
+    assert bench.Cache(tmp_path, s).get(default, prompt) == cache.get(spelled, prompt)
+    assert bench.Cache(tmp_path, s).get(ungated, prompt) is None
+    assert len(list(tmp_path.glob("*.jsonl"))) == 1
+    assert fuse.cache_digest(s) not in {default.cache_digest(s), ungated.cache_digest(s)}
 
 
 def test_an_ablation_is_the_default_with_only_its_knobs_changed() -> None:

@@ -21,10 +21,12 @@ class Cache:
         self._rows: dict[str, dict[str, dict[str, Any]]] = {}
 
     def path(self, mode: Mode) -> Path:
-        return self.dir / f"{mode.cache_id(self.settings)}.jsonl"
+        """The mode's file: one already holding its digest (under any spelling), else a new one."""
+        held = sorted(self.dir.glob(f"*-{mode.cache_digest(self.settings)}.jsonl"))
+        return held[0] if held else self.dir / f"{mode.cache_id(self.settings)}.jsonl"
 
     def rows(self, mode: Mode) -> dict[str, dict[str, Any]]:
-        cid = mode.cache_id(self.settings)
+        cid = mode.cache_digest(self.settings)
         if cid not in self._rows:
             rows: dict[str, dict[str, Any]] = {}
             path = self.path(mode)

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_MEMBERS: tuple[str, ...] = ("smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m")
+#: The lead of gated fusion in the harness: the best member alone on the knob split
+#: (prompts 101-150). Named, not left to the library's rule (the first listed leads),
+#: because the harness keeps the member order its cached answers were made in.
+DEFAULT_LEAD = "qwen2.5-coder-0.5b"
 ENSEMBLE_MODES: tuple[str, ...] = ("fuse", "specem", "exit", "specem+exit", "default")
 #: The paper's verification, so fuse/specem/exit modes each isolate one mechanism;
 #: `default` runs whatever the library's defaults are.
@@ -39,6 +43,8 @@ class BenchSettings:
     top_p: float = 0.9
     seed: int = 1234
     lam: float = 1.0
+    # The gated modes' lead when it is a member (else the library's rule).
+    lead: str | None = DEFAULT_LEAD
     # Model-exit knobs of the exit modes; None = the library's default.
     exit_rule: str | None = None
     exit_warmup: int | None = None
@@ -84,17 +90,26 @@ class Mode:
         common = {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed}
         if self.kind in ("solo", "whole"):
             # One segment of max_tokens: a pure single-model answer.
-            return {**common, "solo_segment_tokens": s.max_tokens, "lam": 0.0, "model_exit": False}
-        if self.name == "default" or self.overrides:
+            return {
+                **common,
+                "solo_segment_tokens": s.max_tokens,
+                "lam": 0.0,
+                "model_exit": False,
+                "gate_logprob": None,
+            }
+        if self.resolved:
             # Every knob resolved, so a change of any library default is a new cache key.
             from specfuse.config import FusionSettings
 
-            knobs = {**common, "segment_tokens": s.segment_tokens, **dict(self.overrides)}
+            lead = {"lead": s.lead} if s.lead in self.members else {}
+            knobs = {**common, "segment_tokens": s.segment_tokens, **lead, **dict(self.overrides)}
             return FusionSettings(**knobs).model_dump(mode="json")
         lam = s.lam if "specem" in self.name else 0.0
         fusion = {
             **common,
             **PAPER_VERIFICATION,
+            # The paper's loop: every round fused, whatever the library's default gate.
+            "gate_logprob": None,
             "segment_tokens": s.segment_tokens,
             "lam": lam,
             "model_exit": "exit" in self.name,
@@ -103,14 +118,30 @@ class Mode:
             fusion.update(s.exit_settings())
         return fusion
 
-    def cache_id(self, s: BenchSettings) -> str:
-        """Mode name plus a hash of everything that changes its answers."""
+    @property
+    def resolved(self) -> bool:
+        """The default or an ablation of it: every knob comes from FusionSettings."""
+        return self.kind == "fusion" and (self.name == "default" or bool(self.overrides))
+
+    def cache_digest(self, s: BenchSettings) -> str:
+        """A hash of everything that changes this mode's answers, and nothing else.
+
+        The default and its ablations hash their resolved settings under one name, so
+        two spellings of one configuration (``default`` and, once the library's
+        defaults moved to them, ``default+gate_logprob=-0.5``) share their answers.
+        """
         fusion = {
             k: v for k, v in self.fusion_settings(s).items() if not (k in INERT_KNOBS and v == INERT_KNOBS[k])
         }
-        blob = json.dumps({"mode": self.name, "members": self.members, "fusion": fusion}, sort_keys=True)
-        digest = hashlib.sha1(blob.encode()).hexdigest()[:10]
-        return f"{re.sub(r'[^A-Za-z0-9.+-]', '_', self.name)}-{digest}"
+        if fusion.get("gate_logprob") is None:
+            fusion.pop("lead", None)  # no gate, no lead: the same answers whoever is named
+        name = "default" if self.resolved else self.name
+        blob = json.dumps({"mode": name, "members": self.members, "fusion": fusion}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+    def cache_id(self, s: BenchSettings) -> str:
+        """Mode name plus the digest of its answers' settings (the cache file's stem)."""
+        return f"{re.sub(r'[^A-Za-z0-9.+-]', '_', self.name)}-{self.cache_digest(s)}"
 
 
 def parse_ablation(name: str) -> tuple[tuple[str, Any], ...]:

@@ -16,7 +16,10 @@ Modes (``--modes``; default all):
 * ``specem``       the same with SpecEM online weights (lam > 0);
 * ``exit``         the same with model exit (lam=0; exit knobs: flags or library defaults);
 * ``specem+exit``  both;
-* ``default``      whatever ``FusionSettings()`` defaults to (the library as shipped).
+* ``default``      whatever ``FusionSettings()`` defaults to (the library as shipped:
+                   gated fusion), led by ``--lead`` (the best member alone on the knob split);
+* ``default+knob=value``  an ablation: the default with knobs changed
+                   (``default+gate_logprob=null`` is the ungated loop).
 
 Runs go prompt by prompt (every mode of a prompt before the next prompt), so
 an interrupted run leaves every mode with the same prompts done. Every answer
@@ -55,6 +58,7 @@ from benchmarks.ifeval.data import (
 )
 from benchmarks.ifeval.modes import (
     ALL_MODES,
+    DEFAULT_LEAD,
     DEFAULT_MEMBERS,
     ENSEMBLE_MODES,
     BenchSettings,
@@ -68,6 +72,7 @@ __all__ = [
     "ALL_MODES",
     "DEFAULT_CACHE",
     "DEFAULT_DATA",
+    "DEFAULT_LEAD",
     "DEFAULT_MEMBERS",
     "DEFAULT_OUT",
     "ENSEMBLE_MODES",
@@ -214,6 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=BenchSettings.top_p)
     parser.add_argument("--seed", type=int, default=BenchSettings.seed)
     parser.add_argument("--lam", type=float, default=BenchSettings.lam, help="SpecEM rate of specem modes")
+    parser.add_argument(
+        "--lead",
+        default=DEFAULT_LEAD,
+        help="the gated modes' lead when a member (chosen on the knob split); 'auto': the library's rule",
+    )
     exit_help = "exit modes only; default: the library's"
     parser.add_argument("--exit-rule", choices=["evidence", "softmax"], default=None, help=exit_help)
     parser.add_argument("--exit-warmup", type=int, default=None, help=exit_help)
@@ -239,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         top_p=args.top_p,
         seed=args.seed,
         lam=args.lam,
+        lead=None if args.lead == "auto" else args.lead,
         exit_rule=args.exit_rule,
         exit_warmup=args.exit_warmup,
         exit_margin=args.exit_margin,
