@@ -305,6 +305,16 @@ def test_cli_install_unknown_name_fails_cleanly(tmp_path: Path, capsys: pytest.C
     assert "known models" in capsys.readouterr().err
 
 
+def test_specfuse_models_is_the_same_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from specfuse.cli import main as specfuse_main
+
+    # The option before the subcommand as well as after it, as with python -m specfuse.models.
+    assert specfuse_main(["models", "--cache-dir", str(tmp_path), "install", "nope"]) == 1
+    assert "known models" in capsys.readouterr().err
+    assert specfuse_main(["models", "list", "--cache-dir", str(tmp_path)]) == 0
+    assert f"cache: {tmp_path / 'models'}" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- real conversion
 
 
