@@ -32,6 +32,7 @@ else:
 from specfuse.config import DEFAULT_LOCAL_MODELS, EnsembleConfig, MemberConfig
 from specfuse.engine import FusionResult, SpecFuse
 from specfuse.errors import SpecfuseError
+from specfuse.models import commands as models_commands
 from specfuse.prompts import check_messages
 from specfuse.trace import RICH_PALETTE, server_cost
 
@@ -155,12 +156,6 @@ def _print_summary(console: Console, result: FusionResult, colours: dict[str, st
     )
 
 
-def _models(args: argparse.Namespace) -> int:
-    from specfuse import models
-
-    return models.main([args.models_command, *args.rest])
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specfuse", description="Fuse several LLMs into one.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,10 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--trace", metavar="FILE.html", help="write a self-contained HTML view of the fusion")
     gen.set_defaults(func=_generate)
 
-    mod = sub.add_parser("models", help="the offline model store (list, install, path)")
-    mod.add_argument("models_command", choices=["list", "install", "path"])
-    mod.add_argument("rest", nargs=argparse.REMAINDER)
-    mod.set_defaults(func=_models)
+    # The same parser as `python -m specfuse.models`, so the two commands cannot drift apart.
+    models = sub.add_parser("models", help="the offline model store (list, install, path)")
+    models_commands.add_commands(models)
 
     from specfuse import selection
 

@@ -33,7 +33,9 @@ from specfuse.models import (
     MODELS,
     ensure_model,
     is_converted,
+    registry,
     resolve_model_path,
+    store,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +53,7 @@ def _fake_converted(cache: Path, name: str, **marker: object) -> Path:
     spec = MODELS[name]
     directory = cache / "models" / name
     directory.mkdir(parents=True)
-    data = {"format": models.CONVERSION_FORMAT, "name": name, "gguf_sha256": spec.gguf_sha256}
+    data = {"format": store.CONVERSION_FORMAT, "name": name, "gguf_sha256": spec.gguf_sha256}
     data.update(marker)
     (directory / MARKER_FILE).write_text(json.dumps(data))
     return directory
@@ -142,7 +144,7 @@ def test_sha_mismatch_is_an_error_and_leaves_nothing_behind(
 ) -> None:
     _require_installed(name)
     wrong = dataclasses.replace(MODELS[name], gguf_sha256="0" * 64)
-    monkeypatch.setattr(models, "MODELS", {**MODELS, name: wrong})
+    monkeypatch.setattr(registry, "MODELS", {**MODELS, name: wrong})
     with pytest.raises(ModelIntegrityError, match="sha256") as info:
         ensure_model(name, cache_dir=tmp_path)
     assert isinstance(info.value, SpecfuseError)
@@ -189,7 +191,7 @@ def test_marker_decides_what_counts_as_converted(tmp_path: Path) -> None:
     # A finished directory is returned without touching packages or torch.
     assert ensure_model(SMALL, cache_dir=tmp_path) == directory
     sha = MODELS[SMALL].gguf_sha256
-    current = models.CONVERSION_FORMAT
+    current = store.CONVERSION_FORMAT
     # A newer recipe is accepted: specfuse versions sharing a cache must not
     # keep reconverting each other's output.
     (directory / MARKER_FILE).write_text(json.dumps({"format": current + 1, "gguf_sha256": sha}))
@@ -219,8 +221,8 @@ def _fake_conversion(monkeypatch: pytest.MonkeyPatch, calls: list[str], *, fail:
         (out_dir / "config.json").write_text("{}")
         return {}
 
-    monkeypatch.setattr(models, "_prepare_gguf", prepare)
-    monkeypatch.setattr(models, "_convert", convert)
+    monkeypatch.setattr(store, "prepare_gguf", prepare)
+    monkeypatch.setattr(store, "convert_gguf", convert)
 
 
 def test_concurrent_calls_convert_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -272,7 +274,7 @@ def test_orphaned_staging_is_swept_unless_its_conversion_runs(tmp_path: Path) ->
     holding, release = threading.Event(), threading.Event()
 
     def convert_small() -> None:  # stands in for a conversion in progress
-        with models._exclusive(root / f".{SMALL}.lock"):
+        with store._exclusive(root / f".{SMALL}.lock"):
             holding.set()
             release.wait(5)
 
@@ -280,7 +282,7 @@ def test_orphaned_staging_is_swept_unless_its_conversion_runs(tmp_path: Path) ->
     worker.start()
     try:
         assert holding.wait(5)
-        models._sweep_orphans(root)
+        store.sweep_orphans(root)
     finally:
         release.set()
         worker.join()
@@ -301,6 +303,16 @@ def test_cli_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_install_unknown_name_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert models.main(["install", "nope", "--cache-dir", str(tmp_path)]) == 1
     assert "known models" in capsys.readouterr().err
+
+
+def test_specfuse_models_is_the_same_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from specfuse.cli import main as specfuse_main
+
+    # The option before the subcommand as well as after it, as with python -m specfuse.models.
+    assert specfuse_main(["models", "--cache-dir", str(tmp_path), "install", "nope"]) == 1
+    assert "known models" in capsys.readouterr().err
+    assert specfuse_main(["models", "list", "--cache-dir", str(tmp_path)]) == 0
+    assert f"cache: {tmp_path / 'models'}" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- real conversion
