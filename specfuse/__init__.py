@@ -6,9 +6,10 @@ adapt it to LangChain and LlamaIndex.
 
 from specfuse import errors as _errors
 from specfuse.config import DEFAULT_LOCAL_MODELS, EnsembleConfig, FusionSettings, MemberConfig
-from specfuse.engine import FusionResult, Member, Segment, SpecFuse, Usage
+from specfuse.engine import SpecFuse
 from specfuse.errors import *  # noqa: F403  (every error; the list is specfuse.errors.__all__)
 from specfuse.prompts import FormattedPrompt
+from specfuse.request import FusionResult, Member, Segment, Usage
 from specfuse.trace import FusionTrace
 
 __version__ = "0.1.0"

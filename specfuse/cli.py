@@ -30,10 +30,11 @@ else:
     _MISSING_CLI_EXTRA = None
 
 from specfuse.config import DEFAULT_LOCAL_MODELS, EnsembleConfig, MemberConfig
-from specfuse.engine import FusionResult, SpecFuse
+from specfuse.engine import SpecFuse
 from specfuse.errors import SpecfuseError
 from specfuse.models import commands as models_commands
 from specfuse.prompts import check_messages
+from specfuse.request import FusionResult
 from specfuse.trace import RICH_PALETTE, server_cost
 
 #: The shell's exit status for a command stopped by SIGINT (128 + 2).

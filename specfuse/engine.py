@@ -36,11 +36,8 @@ from specfuse.prompts import (
     end_of_turn_tokens,
     message_text,
 )
-from specfuse.request import FusionResult, Member, Segment, Usage, _begin, _Request
-from specfuse.rounds import _round
-from specfuse.stopping import _cut_at_stop, _finish_reason, _pending_stop_prefix
-from specfuse.stopping import _find_stop as _find_stop  # re-exported: tests import it from here
-from specfuse.trace import RoundRecord
+from specfuse.request import FusionResult, Member, Segment, _begin
+from specfuse.rounds import play
 from specfuse.verification import _describe
 
 
@@ -263,44 +260,11 @@ class SpecFuse:
         request = await _begin(prompt, tools, settings, members, deadline_at, self._warm_weights)
         request.started = started
         request.trace.left_out = left_out
-        emitted = 0
-        record: RoundRecord | None = None
-        try:
-            while True:
-                played = await _round(request)
-                if played is None:  # the request deadline passed before any draft of the round
-                    result = self._result(request, "deadline")
-                    break
-                record = played
-                cut = _cut_at_stop(request, record)
-                finish = "stop" if cut else _finish_reason(request, record)
-                deadline = request.settings.request_deadline
-                if (
-                    finish is None
-                    and deadline is not None
-                    and time.perf_counter() - request.started > deadline
-                ):
-                    finish = "deadline"
-                if finish is not None:
-                    result = self._result(request, finish)
-                    break
-                safe = len(request.fused) - _pending_stop_prefix(request.fused, request.stops)
-                if safe > emitted:
-                    if request.trace.time_to_first_segment is None:
-                        request.trace.time_to_first_segment = time.perf_counter() - request.started
-                    yield Segment(request.fused[emitted:safe], record.winner, record.index)
-                    emitted = safe
-        except BaseException as exc:
-            # The trace outlives the request (callers may hold it): say how it ended.
-            cancelled = isinstance(exc, (asyncio.CancelledError, GeneratorExit))
-            request.trace.finish_reason = "cancelled" if cancelled else "error"
-            request.trace.total_time = time.perf_counter() - request.started
-            raise
-        # Outside the try: a caller that stops reading at the last segment (agenerate,
-        # a LangChain or LlamaIndex consumer) closes the generator here, and that must
-        # not turn a finished response into a cancelled one.
-        last = (record.winner, record.index) if record is not None else (None, 0)
-        yield Segment(request.fused[emitted:], *last, result)
+        async with contextlib.aclosing(play(request)) as segments:
+            async for segment in segments:
+                if segment.result is not None and request.settings.warm_weights:
+                    self._warm_weights = dict(request.weights)
+                yield segment
 
     async def agenerate(
         self,
@@ -454,30 +418,6 @@ class SpecFuse:
     ) -> int:
         """Blocking acount_prompt_tokens()."""
         return self._loop_thread.run(self.acount_prompt_tokens(messages, tools=tools))
-
-    # -- one request ---------------------------------------------------------
-
-    def _result(self, request: _Request, finish: str) -> FusionResult:
-        trace = request.trace
-        trace.finish_reason = finish
-        trace.total_time = time.perf_counter() - request.started
-        if trace.time_to_first_segment is None:
-            trace.time_to_first_segment = trace.total_time
-        if request.settings.warm_weights:
-            self._warm_weights = dict(request.weights)
-        called = {c.member for r in trace.rounds for c in r.calls}
-        usage = Usage(
-            input_tokens=sum(n for m, n in trace.prompt_tokens.items() if m in called),
-            output_tokens=trace.completion_tokens,
-        )
-        return FusionResult(text=request.fused, finish_reason=finish, trace=trace, usage=usage)
-
-    # -- one round ------------------------------------------------------------
-
-
-def _attempts(exc: BaseException) -> int:
-    """Tries a failed call made: a BackendError says, anything else made one."""
-    return getattr(exc, "attempts", 1)
 
 
 def _rebuild(

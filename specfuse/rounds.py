@@ -1,4 +1,5 @@
-"""The SpecFuse round loop (docs/design.md, "The algorithm"), as an async generator.
+"""The SpecFuse round loop (docs/design.md, "The algorithm"): `play` runs a begun
+request round after round and yields the accepted segments as an async generator.
 
 One round:
 
@@ -23,17 +24,72 @@ module orders them and records the trace.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
 
 from specfuse import scoring
 from specfuse.backends.base import Draft
 from specfuse.errors import AllMembersFailedError
-from specfuse.request import Member, _Request
+from specfuse.request import FusionResult, Member, Segment, Usage, _Request
+from specfuse.stopping import _cut_at_stop, _finish_reason, _pending_stop_prefix
 from specfuse.trace import CandidateRecord, RoundRecord
 from specfuse.verification import _draft, _draft_and_verify
 
 #: A member whose every call failed this many rounds in a row sits out the rest of a response.
 _DROP_AFTER_FAILED_ROUNDS = 2
+
+
+async def play(request: _Request) -> AsyncIterator[Segment]:
+    """Round after round until a stop rule fires: yield each accepted segment as it is
+    chosen (holding back a possible start of a stop sequence); the last carries the result."""
+    emitted = 0
+    record: RoundRecord | None = None
+    try:
+        while True:
+            played = await _round(request)
+            if played is None:  # the request deadline passed before any draft of the round
+                result = _conclude(request, "deadline")
+                break
+            record = played
+            finish = "stop" if _cut_at_stop(request, record) else _finish_reason(request, record)
+            if finish is None and _past(request):
+                finish = "deadline"
+            if finish is not None:
+                result = _conclude(request, finish)
+                break
+            safe = len(request.fused) - _pending_stop_prefix(request.fused, request.stops)
+            if safe > emitted:
+                if request.trace.time_to_first_segment is None:
+                    request.trace.time_to_first_segment = time.perf_counter() - request.started
+                yield Segment(request.fused[emitted:safe], record.winner, record.index)
+                emitted = safe
+    except BaseException as exc:
+        # The trace outlives the request (callers may hold it): say how it ended.
+        cancelled = isinstance(exc, (asyncio.CancelledError, GeneratorExit))
+        request.trace.finish_reason = "cancelled" if cancelled else "error"
+        request.trace.total_time = time.perf_counter() - request.started
+        raise
+    # Outside the try: a caller that stops reading at the last segment (agenerate,
+    # a LangChain or LlamaIndex consumer) closes the generator here, and that must
+    # not turn a finished response into a cancelled one.
+    last = (record.winner, record.index) if record is not None else (None, 0)
+    yield Segment(request.fused[emitted:], *last, result)
+
+
+def _conclude(request: _Request, finish: str) -> FusionResult:
+    """The response as it ended: the trace's closing figures and the usage of the members called."""
+    trace = request.trace
+    trace.finish_reason = finish
+    trace.total_time = time.perf_counter() - request.started
+    if trace.time_to_first_segment is None:
+        trace.time_to_first_segment = trace.total_time
+    called = {c.member for r in trace.rounds for c in r.calls}
+    usage = Usage(
+        input_tokens=sum(n for m, n in trace.prompt_tokens.items() if m in called),
+        output_tokens=trace.completion_tokens,
+    )
+    return FusionResult(text=request.fused, finish_reason=finish, trace=trace, usage=usage)
 
 
 async def _round(request: _Request) -> RoundRecord | None:

@@ -156,8 +156,8 @@ def reference_answer() -> Any:
 
     from specfuse import SpecFuse
     from specfuse.backends.local import LocalBackend
-    from specfuse.engine import Member
     from specfuse.prompts import ChatFormat, PlainFormat, end_of_turn_tokens
+    from specfuse.request import Member
 
     async def build() -> list[Member]:
         members = []

@@ -16,8 +16,8 @@ import pytest
 
 from specfuse import AllMembersFailedError, BackendError, ConfigError, SpecFuse
 from specfuse.backends.base import Backend, BackendInfo, CandidateScore, Draft, Sampling
-from specfuse.engine import Member
 from specfuse.prompts import PlainFormat
+from specfuse.request import Member
 from specfuse.trace import RoundRecord
 
 
@@ -311,7 +311,7 @@ async def test_tie_goes_to_member_order() -> None:
 
 
 def test_stop_found_across_segment_boundaries() -> None:
-    from specfuse.engine import _find_stop
+    from specfuse.stopping import _find_stop
 
     # "Rayl" + "eigh!" : the stop straddles the boundary at index 4
     assert _find_stop("Rayleigh!", ["leigh"], new_from=4) == 3
@@ -323,7 +323,7 @@ def test_stop_found_across_segment_boundaries() -> None:
 
 
 def test_stream_holds_back_what_could_become_a_stop() -> None:
-    from specfuse.engine import _pending_stop_prefix
+    from specfuse.stopping import _pending_stop_prefix
 
     assert _pending_stop_prefix("Hello\n\nUs", ["\n\nUser:"]) == 4  # "\n\nUs" may grow into the stop
     assert _pending_stop_prefix("Hello", ["\n\nUser:"]) == 0

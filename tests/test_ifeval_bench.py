@@ -67,7 +67,8 @@ def test_a_language_check_gives_the_same_verdict_every_time() -> None:
     """langdetect samples at random; these cached answers (Arabic, Bengali) passed
     and failed their language check in turns before it was seeded."""
     prompts = {p.key: p for p in bench.load_prompts(bench.DEFAULT_DATA, limit=150)}
-    rows = (bench.DEFAULT_CACHE / "default+gate_logprob_null-0db376df0c.jsonl").read_text(encoding="utf-8").splitlines()
+    ungated = bench.DEFAULT_CACHE / "default+gate_logprob_null-0db376df0c.jsonl"
+    rows = ungated.read_text(encoding="utf-8").splitlines()
     answers = {json.loads(line)["key"]: json.loads(line)["response"] for line in rows}
     for key in (3241, 3744):
         verdicts = {bench.score_response(prompts[key], answers[key]) for _ in range(40)}

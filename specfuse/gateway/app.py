@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from specfuse.engine import FusionResult, SpecFuse
+from specfuse.engine import SpecFuse
 from specfuse.errors import SpecfuseError
 from specfuse.gateway import errors, translate
 from specfuse.gateway.errors import GatewayError
@@ -49,6 +49,7 @@ from specfuse.gateway.schemas import (
     unsupported_fields,
 )
 from specfuse.prompts import FormattedPrompt
+from specfuse.request import FusionResult
 
 log = logging.getLogger("specfuse.gateway")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from specfuse.engine import FusionResult
+from specfuse.request import FusionResult
 
 __all__ = ["CONTENT_TYPE_LATEST", "GatewayMetrics"]
 

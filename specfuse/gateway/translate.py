@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from specfuse.config import request_overrides
-from specfuse.engine import FusionResult
 from specfuse.errors import ConfigError
 from specfuse.gateway.errors import GatewayError, from_core
 from specfuse.gateway.schemas import (
@@ -29,6 +28,7 @@ from specfuse.gateway.schemas import (
     UsageInfo,
 )
 from specfuse.prompts import FormattedPrompt, check_messages
+from specfuse.request import FusionResult
 from specfuse.tool_calls import ParsedText, ToolPlan, decode_arguments
 
 #: Core finish reasons OpenAI has no word for; the original stays in `specfuse_finish_reason`.
