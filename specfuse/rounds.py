@@ -213,23 +213,13 @@ def _rank(
 
 def _exits(request: _Request, active_drafters: list[str]) -> list[str]:
     """Which drafters leave after this round, by the configured exit rule."""
-    settings = request.settings
-    keep = min(settings.min_active, len(active_drafters))
-    if settings.exit_rule == "evidence":
-        return scoring.evidence_exits(
-            request.history,
-            active_drafters,
-            margin=settings.exit_margin,
-            patience=settings.exit_patience,
-            min_active=keep,
-        )
-    return scoring.exit_decisions(
-        request.quality,
-        active_drafters,
-        temperature=settings.exit_temperature,
-        ratio=settings.exit_ratio,
-        min_active=keep,
-    )
+    s = request.settings
+    keep = min(s.min_active, len(active_drafters))
+    if s.exit_rule == "evidence":
+        spreads = {"margin": s.exit_margin, "patience": s.exit_patience}
+        return scoring.evidence_exits(request.history, active_drafters, min_active=keep, **spreads)
+    softmax = {"temperature": s.exit_temperature, "ratio": s.exit_ratio}
+    return scoring.exit_decisions(request.quality, active_drafters, min_active=keep, **softmax)
 
 
 def _drop_failing(request: _Request, record: RoundRecord) -> None:
