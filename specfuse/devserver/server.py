@@ -19,6 +19,7 @@ import argparse
 import secrets
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import fields
 from typing import Any
 
 from specfuse.devserver import sglang, tgi, vllm
@@ -135,20 +136,8 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, then serve until interrupted."""
     import uvicorn
 
-    options = ServeOptions(
-        model=args.model,
-        protocol=args.protocol,
-        host=args.host,
-        port=args.port,
-        enable_prefill_logprobs=args.enable_prefill_logprobs,
-        max_concurrent_requests=args.max_concurrent_requests,
-        max_input_tokens=args.max_input_tokens,
-        max_total_tokens=args.max_total_tokens,
-        max_stop_sequences=args.max_stop_sequences,
-        api_key=args.api_key,
-        dtype=args.dtype,
-        pipeline_tag=args.pipeline_tag,
-    )
+    # The parser's destinations are named after ServeOptions' fields (`log_level` is uvicorn's).
+    options = ServeOptions(**{f.name: getattr(args, f.name) for f in fields(ServeOptions)})
     app = build_app(options)
     uvicorn.run(app, host=options.host, port=options.port, log_level=args.log_level, access_log=False)
     return 0
