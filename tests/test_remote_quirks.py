@@ -74,7 +74,7 @@ class Imitation:
 
 @pytest.fixture(scope="module")
 def runner() -> Any:
-    from specfuse.devserver.server import Runner
+    from specfuse.devserver.runner import Runner
 
     return Runner(MODEL)
 

@@ -6,6 +6,7 @@ without GPUs. It reproduces the real servers' defaults and quirks that
 specfuse depends on, each citing the upstream source it imitates.
 """
 
-from specfuse.devserver.server import PROTOCOLS, ServeOptions, add_arguments, build_app, main, register, run
+from specfuse.devserver.context import ServeOptions
+from specfuse.devserver.server import PROTOCOLS, add_arguments, build_app, main, register, run
 
 __all__ = ["PROTOCOLS", "ServeOptions", "add_arguments", "build_app", "main", "register", "run"]
