@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -47,6 +49,16 @@ class SpecFuseLLM(SpecFuseParams, BaseLLM):
             info.update(self._info(segment.result))
         return GenerationChunk(text=segment.text, generation_info=info)
 
+    def _batch_result(self, results: list[FusionResult]) -> LLMResult:
+        return self._llm_result([[Generation(text=r.text, generation_info=self._info(r))] for r in results])
+
+    @staticmethod
+    def _joined(chunks: list[GenerationChunk]) -> list[Generation]:
+        """A streamed prompt's chunks as the one Generation a call without streaming gives it."""
+        assert chunks  # the engine always yields a last segment
+        final = functools.reduce(operator.add, chunks)
+        return [Generation(text=final.text, generation_info=final.generation_info)]
+
     def _llm_result(self, generations: list[list[Generation]]) -> LLMResult:
         totals = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
         for gens in generations:
@@ -67,18 +79,10 @@ class SpecFuseLLM(SpecFuseParams, BaseLLM):
     ) -> LLMResult:
         if not self.streaming:
             # All prompts at once, as the async path does: their rounds interleave on the members.
-            results = self.engine.batch(prompts, **self._overrides(stop, kwargs))
-            return self._llm_result(
-                [[Generation(text=r.text, generation_info=self._info(r))] for r in results]
-            )
-        generations: list[list[Generation]] = []
-        for prompt in prompts:
-            final: GenerationChunk | None = None
-            for chunk in self._stream(prompt, stop, run_manager, **kwargs):
-                final = chunk if final is None else final + chunk
-            assert final is not None  # the engine always yields a last segment
-            generations.append([Generation(text=final.text, generation_info=final.generation_info)])
-        return self._llm_result(generations)
+            return self._batch_result(self.engine.batch(prompts, **self._overrides(stop, kwargs)))
+        return self._llm_result(
+            [self._joined(list(self._stream(prompt, stop, run_manager, **kwargs))) for prompt in prompts]
+        )
 
     async def _agenerate(
         self,
@@ -88,18 +92,13 @@ class SpecFuseLLM(SpecFuseParams, BaseLLM):
         **kwargs: Any,
     ) -> LLMResult:
         if not self.streaming:
-            results = await self.engine.abatch(prompts, **self._overrides(stop, kwargs))
-            return self._llm_result(
-                [[Generation(text=r.text, generation_info=self._info(r))] for r in results]
-            )
-        generations: list[list[Generation]] = []
-        for prompt in prompts:
-            final: GenerationChunk | None = None
-            async for chunk in self._astream(prompt, stop, run_manager, **kwargs):
-                final = chunk if final is None else final + chunk
-            assert final is not None
-            generations.append([Generation(text=final.text, generation_info=final.generation_info)])
-        return self._llm_result(generations)
+            return self._batch_result(await self.engine.abatch(prompts, **self._overrides(stop, kwargs)))
+        return self._llm_result(
+            [
+                self._joined([chunk async for chunk in self._astream(prompt, stop, run_manager, **kwargs)])
+                for prompt in prompts
+            ]
+        )
 
     def _stream(
         self,

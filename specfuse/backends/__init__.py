@@ -6,13 +6,22 @@ the registry's (backends/registry.py): add a protocol with register_protocol.
 
 from __future__ import annotations
 
-from specfuse.backends.base import Backend, BackendInfo, CandidateScore, Draft, Sampling, ServerUsage
+from specfuse.backends.base import (
+    Backend,
+    BackendInfo,
+    CandidateScore,
+    ChatToRender,
+    Draft,
+    Sampling,
+    ServerUsage,
+)
 from specfuse.backends.registry import Protocol, create_backend, protocol_names, register_protocol
 
 __all__ = [
     "Backend",
     "BackendInfo",
     "CandidateScore",
+    "ChatToRender",
     "Draft",
     "Protocol",
     "Sampling",

@@ -27,7 +27,7 @@ from specfuse.backends._http import (
     token_for,
     with_retries,
 )
-from specfuse.backends.base import Backend, BackendInfo, CandidateScore
+from specfuse.backends.base import Backend, BackendInfo, CandidateScore, ChatToRender
 from specfuse.config import MemberConfig
 from specfuse.errors import BackendError, ConfigError
 
@@ -226,12 +226,7 @@ class RemoteBackend(Backend):
                     self._tokenizer = None
         return self._tokenizer
 
-    def render_locally(
-        self,
-        messages: Sequence[dict[str, Any]],
-        tools: Sequence[dict[str, Any]] | None,
-        add_generation_prompt: bool,
-    ) -> str | None:
+    def render_locally(self, chat: ChatToRender) -> str | None:
         """The chat rendered here: the member's own chat_template, else its local tokenizer's.
 
         None when neither exists (the server's rendering is asked for next).
@@ -245,41 +240,35 @@ class RemoteBackend(Backend):
         if tok is not None:
             return str(
                 tok.apply_chat_template(
-                    list(messages),
-                    tools=list(tools) if tools else None,
+                    chat.messages,
+                    tools=chat.tools,
                     chat_template=template,
                     tokenize=False,
-                    add_generation_prompt=add_generation_prompt,
+                    add_generation_prompt=chat.add_generation_prompt,
                 )
             )
         from transformers.utils.chat_template_utils import render_jinja_template
 
         rendered, _ = render_jinja_template(
-            [list(messages)],
-            tools=list(tools) if tools else None,
+            [chat.messages],
+            tools=chat.tools,
             chat_template=template,
-            add_generation_prompt=add_generation_prompt,
+            add_generation_prompt=chat.add_generation_prompt,
         )
         return str(rendered[0])
 
-    async def render_chat(
-        self,
-        messages: Sequence[dict[str, Any]],
-        tools: Sequence[dict[str, Any]] | None = None,
-        *,
-        add_generation_prompt: bool = True,
-    ) -> str | None:
-        local = await asyncio.to_thread(self.render_locally, messages, tools, add_generation_prompt)
+    async def render(self, chat: ChatToRender) -> str | None:
+        local = await asyncio.to_thread(self.render_locally, chat)
         if local is not None:
             return local
-        rendered = await self.server_chat_template(messages, tools, add_generation_prompt)
+        rendered = await self.server_chat_template(chat)
         if rendered is None:
             self.warn_no_template()
-        if rendered is None or add_generation_prompt or self.server_template_omits_generation_prompt:
+        if rendered is None or chat.add_generation_prompt or self.server_template_omits_generation_prompt:
             return rendered
         # This server always adds the generation prompt. Without one, only what ends the
         # last turn matters (prompts.ChatFormat looks for it): keep its first marker.
-        last = str(messages[-1].get("content", "")) if messages else ""
+        last = str(chat.messages[-1].get("content", "")) if chat.messages else ""
         head, found, after = rendered.rpartition(last) if last else ("", "", rendered)
         if not found:
             return rendered
@@ -307,12 +296,7 @@ class RemoteBackend(Backend):
     #: does not, `render_chat` cuts the generation prompt off the server's text.
     server_template_omits_generation_prompt: ClassVar[bool] = False
 
-    async def server_chat_template(
-        self,
-        messages: Sequence[dict[str, Any]],
-        tools: Sequence[dict[str, Any]] | None,
-        add_generation_prompt: bool,
-    ) -> str | None:
+    async def server_chat_template(self, chat: ChatToRender) -> str | None:
         """The server's own rendering of a chat, when its protocol offers one."""
         return None
 

@@ -34,6 +34,20 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class ChatToRender:
+    """A chat to render with a model's template, as every backend's template hook takes it.
+
+    One value rather than three parameters so that the hooks a backend overrides
+    keep a one-line signature, and the lists are copied once, here.
+    """
+
+    messages: list[dict[str, Any]]
+    #: None when there are none: some templates test `tools is not none`, which [] would pass.
+    tools: list[dict[str, Any]] | None
+    add_generation_prompt: bool
+
+
+@dataclass(frozen=True)
 class ServerUsage:
     """What one call cost the server, as the server itself reported it.
 
@@ -182,6 +196,12 @@ class Backend(ABC):
         add_generation_prompt: bool = True,
     ) -> str | None:
         """The prompt text the model's own chat template makes, or None if it has none."""
+        return await self.render(
+            ChatToRender(list(messages), list(tools) if tools else None, add_generation_prompt)
+        )
+
+    async def render(self, chat: ChatToRender) -> str | None:
+        """What `render_chat` returns; a backend with a chat template overrides this, not `render_chat`."""
         return None
 
     async def aclose(self) -> None:

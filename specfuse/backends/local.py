@@ -30,7 +30,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.utils import logging as hf_logging
 
-from specfuse.backends.base import Backend, BackendInfo, CandidateScore, Draft, Sampling
+from specfuse.backends.base import Backend, BackendInfo, CandidateScore, ChatToRender, Draft, Sampling
 from specfuse.config import MemberConfig
 from specfuse.errors import BackendError, ContextWindowError, ModelNotAvailableError
 
@@ -168,21 +168,15 @@ class LocalBackend(Backend):
             extra={"bos_text": bos, "eos_text": tok.eos_token or "", "path": str(loaded.path)},
         )
 
-    async def render_chat(
-        self,
-        messages: Sequence[dict[str, Any]],
-        tools: Sequence[dict[str, Any]] | None = None,
-        *,
-        add_generation_prompt: bool = True,
-    ) -> str | None:
+    async def render(self, chat: ChatToRender) -> str | None:
         tok = (await asyncio.to_thread(self.load)).tokenizer
         if not tok.chat_template:
             return None
         return tok.apply_chat_template(
-            list(messages),
-            tools=list(tools) if tools else None,
+            chat.messages,
+            tools=chat.tools,
             tokenize=False,
-            add_generation_prompt=add_generation_prompt,
+            add_generation_prompt=chat.add_generation_prompt,
         )
 
     async def count_tokens(self, text: str) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 
 from specfuse.backends._http import RemoteError
 from specfuse.backends._remote import Attempts, RemoteBackend, count_from_offsets, cut_at_stop
-from specfuse.backends.base import BackendInfo, CandidateScore, Draft, FinishReason, Sampling
+from specfuse.backends.base import BackendInfo, CandidateScore, ChatToRender, Draft, FinishReason, Sampling
 from specfuse.errors import BackendError, CapabilityError
 
 _FINISH: dict[str, FinishReason] = {"length": "length", "eos_token": "eos", "stop_sequence": "stop"}
@@ -168,18 +168,13 @@ class TGIBackend(RemoteBackend):
         data = await self.call("POST /tokenize", lambda url: self._post(url, "/tokenize", {"inputs": text}))
         return len(data)
 
-    async def server_chat_template(
-        self,
-        messages: Sequence[dict[str, Any]],
-        tools: Sequence[dict[str, Any]] | None,
-        add_generation_prompt: bool,
-    ) -> str | None:
+    async def server_chat_template(self, chat: ChatToRender) -> str | None:
         # /chat_tokenize always adds the generation prompt (`ChatTemplate::apply` in
         # router/src/infer/chat_template.rs renders with add_generation_prompt: true):
         # render_chat cuts it off when it is not wanted.
-        payload: dict[str, Any] = {"model": "tgi", "messages": list(messages)}
-        if tools:
-            payload["tools"] = list(tools)
+        payload: dict[str, Any] = {"model": "tgi", "messages": chat.messages}
+        if chat.tools:
+            payload["tools"] = chat.tools
         try:
             data = await self.call(
                 "POST /chat_tokenize", lambda url: self._post(url, "/chat_tokenize", payload)

@@ -55,6 +55,7 @@ from specfuse.backends._remote import Attempts, cut_at_stop
 from specfuse.backends.base import (
     BackendInfo,
     CandidateScore,
+    ChatToRender,
     Draft,
     FinishReason,
     Sampling,
@@ -535,12 +536,7 @@ class VLLMBackend(TokenRoute):
     #: vLLM's /tokenize takes add_generation_prompt with the messages.
     server_template_omits_generation_prompt: ClassVar[bool] = True
 
-    async def server_chat_template(
-        self,
-        messages: Sequence[dict[str, Any]],
-        tools: Sequence[dict[str, Any]] | None,
-        add_generation_prompt: bool,
-    ) -> str | None:
+    async def server_chat_template(self, chat: ChatToRender) -> str | None:
         """The server's own chat template: `/tokenize` with messages, then `/detokenize`.
 
         vLLM renders exactly as its chat completions do (ServingTokenization.
@@ -551,11 +547,11 @@ class VLLMBackend(TokenRoute):
         """
         payload: dict[str, Any] = {
             "model": self._served_model,
-            "messages": list(messages),
-            "add_generation_prompt": add_generation_prompt,
+            "messages": chat.messages,
+            "add_generation_prompt": chat.add_generation_prompt,
         }
-        if tools:
-            payload["tools"] = list(tools)
+        if chat.tools:
+            payload["tools"] = chat.tools
         try:
             data = await self.call("POST /tokenize (chat)", lambda url: self._post(url, "/tokenize", payload))
             ids = {"model": self._served_model, "tokens": [int(t) for t in data.get("tokens") or []]}

@@ -15,7 +15,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -54,6 +54,7 @@ from specfuse.request import FusionResult
 log = logging.getLogger("specfuse.gateway")
 
 R = TypeVar("R", bound=BaseModel)
+S = TypeVar("S", bound=SamplingRequest)
 T = TypeVar("T")
 
 
@@ -100,6 +101,48 @@ class _Slots:
 
 def _sse(model: BaseModel) -> str:
     return f"data: {model.model_dump_json(exclude_none=True)}\n\n"
+
+
+@dataclass(frozen=True)
+class _Streaming:
+    """A streamed request as `Gateway.serve` hands it to its stream: one value, not four arguments."""
+
+    call: translate.CoreCall
+    endpoint: str
+    #: Frees the request's concurrency slot; the stream calls it when the fusion ends.
+    release: Callable[[], None]
+    #: time.perf_counter() when the request arrived, for the latency metric.
+    started: float
+
+
+@dataclass(frozen=True)
+class _StreamReply:
+    """What every chunk of one streamed answer repeats (its type, id, time and model), and how it ends."""
+
+    chunk_type: type[ChatCompletionChunk] | type[Completion]
+    id: str
+    created: int
+    model: str
+    include_usage: bool
+
+    def chunk(self, *choices: ChunkChoice | CompletionChoice, **extra: Any) -> str:
+        return _sse(
+            self.chunk_type(
+                id=self.id, created=self.created, model=self.model, choices=list(choices), **extra
+            )
+        )
+
+    def ending(
+        self, call: translate.CoreCall, result: FusionResult, finish: ChunkChoice | CompletionChoice
+    ) -> Iterator[str]:
+        """The finish chunk with the fusion's own reason (and trace, if asked for), then the usage chunk."""
+        yield self.chunk(
+            finish,
+            specfuse_finish_reason=result.finish_reason,
+            specfuse_trace=result.trace.to_dict() if call.trace else None,
+        )
+        if self.include_usage:
+            yield self.chunk(usage=translate.usage(result))
 
 
 class _ClientGone(Exception):
@@ -191,6 +234,13 @@ class Gateway:
         except ValidationError as exc:
             raise errors.from_validation(exc) from None
 
+    async def accept(self, request: Request, model: type[S]) -> S:
+        """A generation request's body, once its caller, its JSON and its fields have all passed."""
+        self.authorize(request)
+        body = await self.parse(request, model)
+        self.check(body)
+        return body
+
     def check(self, request: SamplingRequest) -> None:
         if request.model != self.options.model_name:
             raise errors.unknown_model(request.model, self.options.model_name)
@@ -234,7 +284,7 @@ class Gateway:
         body: SamplingRequest,
         endpoint: str,
         respond: Callable[[FusionResult], BaseModel],
-        stream: Callable[[translate.CoreCall, Callable[[], None], float], AsyncIterator[str]],
+        stream: Callable[[_Streaming], AsyncIterator[str]],
     ) -> Response:
         started = time.perf_counter()
         release = self.slots.acquire(self.options.retry_after)
@@ -244,7 +294,7 @@ class Gateway:
             if body.stream:
                 handed_over = True
                 return StreamingResponse(
-                    self.sse(endpoint, stream(call, release, started)),
+                    self.sse(endpoint, stream(_Streaming(call, endpoint, release, started))),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                     # Also released here: a stream cancelled before its first step never runs its finally.
@@ -275,9 +325,7 @@ class Gateway:
             if not handed_over:
                 release()
 
-    async def _segments(
-        self, call: translate.CoreCall, endpoint: str, release: Callable[[], None], started: float
-    ) -> AsyncIterator[tuple[Any, FusionResult | None]]:
+    async def _segments(self, streaming: _Streaming) -> AsyncIterator[tuple[Any, FusionResult | None]]:
         """The fusion's segments with the bookkeeping every stream shares.
 
         Yields (segment, result); a failure is turned into a GatewayError for the
@@ -285,9 +333,10 @@ class Gateway:
         away) cancels the fusion: closing the engine's generator cancels its
         member calls in flight.
         """
+        endpoint, started = streaming.endpoint, streaming.started
         self.metrics.in_flight.inc()
         try:
-            async with contextlib.aclosing(self.fuse(call)) as segments:
+            async with contextlib.aclosing(self.fuse(streaming.call)) as segments:
                 async for segment in segments:
                     yield segment, segment.result
                     if segment.result is not None:
@@ -306,7 +355,7 @@ class Gateway:
             raise errors.from_core(exc) from None
         finally:
             self.metrics.in_flight.dec()
-            release()
+            streaming.release()
 
     async def sse(self, endpoint: str, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         """A stream's chunks, then `[DONE]`; a failure mid-answer ends it with an error event
@@ -324,23 +373,14 @@ class Gateway:
                 return
         yield "data: [DONE]\n\n"
 
-    async def chat_stream(
-        self,
-        call: translate.CoreCall,
-        release: Callable[[], None],
-        started: float,
-        model: str,
-        include_usage: bool,
-    ) -> AsyncIterator[str]:
-        rid, created = new_id("chatcmpl"), now()
+    async def chat_stream(self, streaming: _Streaming, reply: _StreamReply) -> AsyncIterator[str]:
+        call = streaming.call
 
         def chunk(delta: Delta, **extra: Any) -> str:
-            finish = extra.pop("finish_reason", None)
-            choice = ChunkChoice(delta=delta, finish_reason=finish)
-            return _sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice], **extra))
+            return reply.chunk(ChunkChoice(delta=delta), **extra)
 
         yield chunk(Delta(role="assistant", content=""))
-        async for segment, result in self._segments(call, "/v1/chat/completions", release, started):
+        async for segment, result in self._segments(streaming):
             # A parsed answer (tool calls, JSON) is read whole at the end; a call's
             # markup must not leak into content.
             if segment.text and not call.parsed_output:
@@ -363,50 +403,23 @@ class Gateway:
                         for i, c in enumerate(calls)
                     ]
                     yield chunk(Delta(tool_calls=deltas))
-            yield chunk(
-                Delta(),
-                finish_reason=translate.finish_reason(result, parsed),
-                specfuse_finish_reason=result.finish_reason,
-                specfuse_trace=result.trace.to_dict() if call.trace else None,
-            )
-            if include_usage:
-                yield _sse(
-                    ChatCompletionChunk(
-                        id=rid, created=created, model=model, choices=[], usage=translate.usage(result)
-                    )
-                )
+            finish = translate.finish_reason(result, parsed)
+            for item in reply.ending(call, result, ChunkChoice(delta=Delta(), finish_reason=finish)):
+                yield item
 
-    async def completion_stream(
-        self,
-        call: translate.CoreCall,
-        release: Callable[[], None],
-        started: float,
-        model: str,
-        include_usage: bool,
-    ) -> AsyncIterator[str]:
-        rid, created = new_id("cmpl"), now()
-
-        def chunk(text: str, finish: str | None = None, **extra: Any) -> str:
-            choice = CompletionChoice(text=text, finish_reason=finish)
-            return _sse(Completion(id=rid, created=created, model=model, choices=[choice], **extra))
-
-        async for segment, result in self._segments(call, "/v1/completions", release, started):
+    async def completion_stream(self, streaming: _Streaming, reply: _StreamReply) -> AsyncIterator[str]:
+        async for segment, result in self._segments(streaming):
             if segment.text:
-                yield chunk(segment.text, specfuse_member=segment.member, specfuse_round=segment.round)
+                yield reply.chunk(
+                    CompletionChoice(text=segment.text, finish_reason=None),
+                    specfuse_member=segment.member,
+                    specfuse_round=segment.round,
+                )
             if result is None:
                 continue
-            yield chunk(
-                "",
-                translate.finish_reason(result),
-                specfuse_finish_reason=result.finish_reason,
-                specfuse_trace=result.trace.to_dict() if call.trace else None,
-            )
-            if include_usage:
-                yield _sse(
-                    Completion(
-                        id=rid, created=created, model=model, choices=[], usage=translate.usage(result)
-                    )
-                )
+            finish = translate.finish_reason(result)
+            for item in reply.ending(streaming.call, result, CompletionChoice(text="", finish_reason=finish)):
+                yield item
 
 
 def create_app(engine: SpecFuse, options: GatewayOptions) -> FastAPI:
@@ -470,9 +483,7 @@ def create_app(engine: SpecFuse, options: GatewayOptions) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        gateway.authorize(request)
-        body = await gateway.parse(request, ChatCompletionRequest)
-        gateway.check(body)
+        body = await gateway.accept(request, ChatCompletionRequest)
         call = translate.chat_call(body)
         model = options.model_name
         rid, created = new_id("chatcmpl"), now()
@@ -482,14 +493,15 @@ def create_app(engine: SpecFuse, options: GatewayOptions) -> FastAPI:
             body,
             "/v1/chat/completions",
             lambda result: translate.chat_completion(call, result, model, rid, created),
-            lambda c, release, started: gateway.chat_stream(c, release, started, model, body.include_usage),
+            lambda streaming: gateway.chat_stream(
+                streaming,
+                _StreamReply(ChatCompletionChunk, new_id("chatcmpl"), now(), model, body.include_usage),
+            ),
         )
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        gateway.authorize(request)
-        body = await gateway.parse(request, CompletionRequest)
-        gateway.check(body)
+        body = await gateway.accept(request, CompletionRequest)
         call = translate.completion_call(body)
         model = options.model_name
 
@@ -511,8 +523,8 @@ def create_app(engine: SpecFuse, options: GatewayOptions) -> FastAPI:
             body,
             "/v1/completions",
             respond,
-            lambda c, release, started: gateway.completion_stream(
-                c, release, started, model, body.include_usage
+            lambda streaming: gateway.completion_stream(
+                streaming, _StreamReply(Completion, new_id("cmpl"), now(), model, body.include_usage)
             ),
         )
 

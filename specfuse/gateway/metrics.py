@@ -21,48 +21,43 @@ _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "specfuse_requests",
-            "Requests answered, by endpoint and HTTP status",
-            ["endpoint", "status"],
-            registry=r,
+
+        # Every metric goes in this app's registry, and both histograms time answers.
+        def counter(name: str, documentation: str, *labels: str) -> Counter:
+            return Counter(name, documentation, labels, registry=self.registry)
+
+        def histogram(name: str, documentation: str, *labels: str) -> Histogram:
+            return Histogram(name, documentation, labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+        self.requests = counter(
+            "specfuse_requests", "Requests answered, by endpoint and HTTP status", "endpoint", "status"
         )
-        self.in_flight = Gauge("specfuse_requests_in_flight", "Fusions running now", registry=r)
-        self.errors = Counter("specfuse_errors", "Errors by kind", ["kind"], registry=r)
-        self.rounds = Counter("specfuse_rounds", "Fusion rounds of finished responses", registry=r)
-        self.calls = Counter(
-            "specfuse_member_calls",
-            "Member calls (draft or score) of finished responses",
-            ["member", "kind"],
-            registry=r,
+        self.in_flight = Gauge("specfuse_requests_in_flight", "Fusions running now", registry=self.registry)
+        self.errors = counter("specfuse_errors", "Errors by kind", "kind")
+        self.rounds = counter("specfuse_rounds", "Fusion rounds of finished responses")
+        self.calls = counter(
+            "specfuse_member_calls", "Member calls (draft or score) of finished responses", "member", "kind"
         )
-        self.call_errors = Counter(
-            "specfuse_member_call_errors", "Member calls that failed", ["member", "kind"], registry=r
+        self.call_errors = counter(
+            "specfuse_member_call_errors", "Member calls that failed", "member", "kind"
         )
-        self.wins = Counter(
-            "specfuse_member_wins", "Rounds each member's segment won", ["member"], registry=r
-        )
-        self.computed = Counter(
+        self.wins = counter("specfuse_member_wins", "Rounds each member's segment won", "member")
+        self.computed = counter(
             "specfuse_member_prompt_tokens_computed",
             "Prompt tokens the member's server computed (not read from its prefix cache), as it reports them",
-            ["member"],
-            registry=r,
+            "member",
         )
-        self.prompt_tokens = Counter("specfuse_prompt_tokens", "Usage prompt tokens", registry=r)
-        self.completion_tokens = Counter("specfuse_completion_tokens", "Usage completion tokens", registry=r)
-        self.latency = Histogram(
+        self.prompt_tokens = counter("specfuse_prompt_tokens", "Usage prompt tokens")
+        self.completion_tokens = counter("specfuse_completion_tokens", "Usage completion tokens")
+        self.latency = histogram(
             "specfuse_request_duration_seconds",
             "Time from request to the last byte of the answer",
-            ["endpoint", "stream"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            "endpoint",
+            "stream",
         )
-        self.first_segment = Histogram(
+        self.first_segment = histogram(
             "specfuse_time_to_first_segment_seconds",
             "Time from the start of the fusion to its first accepted segment",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
 
     def record_result(self, result: FusionResult) -> None:

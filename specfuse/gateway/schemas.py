@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -216,12 +216,29 @@ class ChunkChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+ChoiceT = TypeVar("ChoiceT", ChunkChoice, CompletionChoice)
+
+
+class SegmentChunk(BaseModel, Generic[ChoiceT]):
+    """What a streamed chunk carries, chat or text: the two differ only in `object` and their choices.
+
+    `Completion` also answers a text request whole: OpenAI uses one shape for both.
+    A subclass narrows `object` to its literal; pydantic keeps the field where
+    it stands here, so the JSON keys keep OpenAI's order.
+    """
+
     id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    object: str
     created: int
     model: str
-    choices: list[ChunkChoice]
+    choices: list[ChoiceT]
     usage: UsageInfo | None = None
     #: Extension fields of a segment chunk: which member drafted it, in which round.
     specfuse_member: str | None = None
@@ -230,24 +247,12 @@ class ChatCompletionChunk(BaseModel):
     specfuse_trace: dict[str, Any] | None = None
 
 
-class CompletionChoice(BaseModel):
-    index: int = 0
-    text: str
-    finish_reason: str | None
-    logprobs: None = None
+class ChatCompletionChunk(SegmentChunk[ChunkChoice]):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(SegmentChunk[CompletionChoice]):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-    specfuse_member: str | None = None
-    specfuse_round: int | None = None
-    specfuse_finish_reason: str | None = None
-    specfuse_trace: dict[str, Any] | None = None
 
 
 class ModelCard(BaseModel):
