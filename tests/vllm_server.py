@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from tests.remote_fixtures import free_port
+from tests.remote_fixtures import ThreadedServer, free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_VENV = ROOT / ".venv-vllm"
@@ -233,21 +232,16 @@ def launch_vllm(
             preexec_fn=_end_with_parent,
         )
     server = VLLMServer(port=port, proc=proc, log_path=log_path)
-    deadline = started + timeout
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"vLLM exited with status {proc.returncode}: {' '.join(cmd)}\n{server.log_tail()}"
-                )
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"vLLM not healthy after {timeout:.0f}s:\n{server.log_tail()}")
-            try:
-                if httpx.get(server.url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
+        wait_healthy(
+            proc,
+            server.url,
+            timeout,
+            what="vLLM",
+            detail=lambda: f"{' '.join(cmd)}\n{server.log_tail()}",
+            every=1.0,
+            probe_timeout=5.0,
+        )
     except BaseException:
         server.stop()
         raise
@@ -274,7 +268,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
 Refusal = Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]] | None]
 
 
-class ShimServer:
+class ShimServer(ThreadedServer):
     """A loopback proxy to the real vLLM that refuses what an older release refused.
 
     `refuse(path, body)` returns (status, JSON body) to answer in place of the
@@ -290,10 +284,8 @@ class ShimServer:
     ) -> None:
         """`headers(path, forwarded)` may change the headers sent upstream (an older
         release's authentication imitated by adding or dropping one)."""
-        import uvicorn
-
+        super().__init__()
         self.upstream = upstream
-        self.port = free_port()
         self.refused: list[tuple[str, dict[str, Any]]] = []
         app = FastAPI()
 
@@ -322,23 +314,7 @@ class ShimServer:
                 media_type=upstream_reply.headers.get("content-type"),
             )
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ShimServer:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(5)
+        self._serve(app)
 
 
 def vllm_error(message: str, status: int = 400) -> tuple[int, dict[str, Any]]:
