@@ -175,6 +175,23 @@ def remote_config(protocol: str, servers: list[ServerProcess], **fusion: Any) ->
     return EnsembleConfig.build(members, **settings)
 
 
+def fuses_like_reference(protocol: str, servers: list[ServerProcess], reference: Any) -> Any:
+    """Fuse PROMPT over `servers` (every member able to score) and assert the
+    in-process reference's greedy answer: the same text and the same round winners.
+    Returns the result, for a test's further checks."""
+    from specfuse import SpecFuse
+
+    fuse = SpecFuse(remote_config(protocol, servers))
+    try:
+        assert all(m.info.can_score for m in fuse.start())
+        result = fuse.generate(PROMPT)
+    finally:
+        fuse.close()
+    assert result.text == reference.text
+    assert [r.winner for r in result.trace.rounds] == [r.winner for r in reference.trace.rounds]
+    return result
+
+
 @pytest.fixture(scope="session")
 def reference_answer() -> Any:
     """The in-process greedy answer with each model tokenised as a server tokenises it.
