@@ -20,7 +20,6 @@ request, both ways, and their ratios (gateway / in-process) from this run.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import openai  # noqa: E402
 
+from benchmarks.load import burst_parser  # noqa: E402
 from specfuse import EnsembleConfig, SpecFuse  # noqa: E402
 from tests.gateway_fixtures import GatewayProcess, write_config  # noqa: E402
 from tests.remote_fixtures import ServerProcess  # noqa: E402
@@ -166,14 +166,8 @@ def table(local: Run, gateway: Run, n: int, replicas: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("-n", type=int, default=32, help="concurrent requests")
+    parser = burst_parser(__doc__)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--segment-tokens", type=int, default=4)
-    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     args = parser.parse_args(argv)
     settings = {"max_tokens": args.max_tokens, "segment_tokens": args.segment_tokens}
 
