@@ -13,6 +13,9 @@ chat rendering). It is started with two API keys, one per test member, so
 tests can check that each key reaches only its own host. The first start
 runs eagerly (see start_vllm), so it is ready in well under a minute
 instead of compiling for 5-15 minutes at every start.
+
+benchmarks/server_cost.py starts its servers with the same launcher
+(launch_vllm), with its own flags.
 """
 
 from __future__ import annotations
