@@ -20,13 +20,13 @@ request, both ways, and their ratios (gateway / in-process) from this run.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import openai  # noqa: E402
 
+from benchmarks.load import burst_parser  # noqa: E402
 from specfuse import EnsembleConfig, SpecFuse  # noqa: E402
 from tests.gateway_fixtures import GatewayProcess, write_config  # noqa: E402
 from tests.remote_fixtures import ServerProcess  # noqa: E402
@@ -60,6 +61,18 @@ class Run:
     texts: dict[int, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     wall: float = 0.0
+
+    def record(self, i: int, t0: float, first: float | None, parts: list[str]) -> None:
+        """Request i, started at t0, answered `parts` (its first text after `first` seconds)."""
+        self.total.append(time.perf_counter() - t0)
+        self.first.append(first if first is not None else self.total[-1])
+        self.texts[i] = "".join(parts)
+
+    async def burst(self, n: int, one: Callable[[int], Awaitable[None]]) -> None:
+        """Requests 0..n-1 at once, each by `one(i)`; `wall` is the whole burst's time."""
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        self.wall = time.perf_counter() - t0
 
 
 def pct(values: list[float], q: float) -> float:
@@ -85,13 +98,9 @@ async def in_process(fuse: SpecFuse, n: int, settings: dict[str, Any]) -> Run:
         except Exception as exc:  # a benchmark reports failures instead of stopping at the first
             run.errors.append(f"in-process {i}: {type(exc).__name__}: {exc}")
             return
-        run.total.append(time.perf_counter() - t0)
-        run.first.append(first if first is not None else run.total[-1])
-        run.texts[i] = "".join(parts)
+        run.record(i, t0, first, parts)
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
-    run.wall = time.perf_counter() - t0
+    await run.burst(n, one)
     return run
 
 
@@ -131,13 +140,9 @@ async def through_gateways(urls: list[str], n: int, settings: dict[str, Any]) ->
         if not finished or len(ids) != 1:
             run.errors.append(f"gateway {i}: finished={finished}, chunk ids={len(ids)}")
             return
-        run.total.append(time.perf_counter() - t0)
-        run.first.append(first if first is not None else run.total[-1])
-        run.texts[i] = "".join(parts)
+        run.record(i, t0, first, parts)
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
-    run.wall = time.perf_counter() - t0
+    await run.burst(n, one)
     for client in clients:
         await client.close()
     return run
@@ -161,14 +166,8 @@ def table(local: Run, gateway: Run, n: int, replicas: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("-n", type=int, default=32, help="concurrent requests")
+    parser = burst_parser(__doc__)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--segment-tokens", type=int, default=4)
-    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     args = parser.parse_args(argv)
     settings = {"max_tokens": args.max_tokens, "segment_tokens": args.segment_tokens}
 

@@ -162,14 +162,18 @@ def write_results(report: LoadReport, args: argparse.Namespace) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def burst_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options of a burst, shared with benchmarks/gateway_load.py (which adds its own)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=32, help="concurrent requests")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--segment-tokens", type=int, default=4)
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = burst_parser(__doc__)
     parser.add_argument("--urls", nargs="+", help="existing TGI-protocol servers (default: start them)")
     parser.add_argument("--write-results", action="store_true", help="write the '## Load' section")
     args = parser.parse_args(argv)

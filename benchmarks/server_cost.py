@@ -49,24 +49,27 @@ import asyncio
 import json
 import os
 import re
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import httpx
-from rich.console import Console
-from rich.table import Table
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from specfuse import EnsembleConfig, MemberConfig, SpecFuse
-from specfuse.backends.vllm import VLLMBackend
-from specfuse.models import resolve_model_path
+import httpx  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from specfuse import EnsembleConfig, MemberConfig, SpecFuse  # noqa: E402
+from specfuse.backends.vllm import VLLMBackend  # noqa: E402
+from specfuse.models import resolve_model_path  # noqa: E402
+from tests.vllm_server import SLOW_CPU_ENV, launch_vllm, scale_out_args  # noqa: E402
 
 #: Varied prose for the retrieved "documents" (standard-library docstrings: fixed per Python version).
 _SOURCES = ("argparse", "asyncio", "collections", "decimal", "email", "json", "logging", "pathlib")
@@ -202,68 +205,30 @@ def solo(model: str, msgs: list[dict[str, str]], tokens: int) -> Cost:
     return box[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def server(python: str, model_dir: str, max_model_len: int, block_size: int | None = None) -> Iterator[str]:
-    port = free_port()
-    cmd = [
+    started = launch_vllm(
         python,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
         model_dir,
-        "--served-model-name",
-        os.path.basename(model_dir),
-        "--dtype",
-        "bfloat16",
-        "--max-model-len",
-        str(max_model_len),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--enable-scale-out",
-        "--enable-prompt-tokens-details",
-        # No chunked prefill: vLLM 0.32's CPU build crashes its engine when a seeded
-        # request's prefill is chunked (GPUModelRunner._bookkeeping_sync calls
-        # set_offset on a CPU generator), and seeded drafts of 3000-token prompts are.
-        "--max-num-batched-tokens",
-        str(2 * max_model_len),
-        *(["--block-size", str(block_size)] if block_size else []),
-    ]
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-        # A busy CPU makes one engine step outlast the default 300 s, which kills the engine.
-        "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600",
-    }
-    log = open(os.devnull, "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+        (os.path.basename(model_dir),),
+        max_model_len=max_model_len,
+        enforce_eager=False,  # vLLM's default, compiled, as this benchmark has always run
+        extra_args=(
+            # No chunked prefill (see scale_out_args): seeded drafts of 3000-token prompts
+            # are chunked with vLLM's default step budget.
+            *scale_out_args(2 * max_model_len),
+            *(["--block-size", str(block_size)] if block_size else []),
+        ),
+        env={
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            **SLOW_CPU_ENV,
+        },
+        timeout=900,
+    )
     try:
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"vLLM exited with {proc.returncode}: {' '.join(cmd)}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        yield url
+        yield started.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        started.stop()
 
 
 def main() -> None:

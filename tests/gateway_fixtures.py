@@ -11,14 +11,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.remote_fixtures import ROOT, free_port
+from tests.remote_fixtures import ROOT, ChildServer, free_port, wait_healthy
 
 
 def write_config(path: Path, members: list[dict[str, Any]], fusion: dict[str, Any]) -> Path:
@@ -28,17 +27,14 @@ def write_config(path: Path, members: list[dict[str, Any]], fusion: dict[str, An
 
 
 @dataclass
-class GatewayProcess:
+class GatewayProcess(ChildServer):
     config: Path
     log: Path
     api_key: str | None = None
     args: tuple[str, ...] = ()
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    stop_wait = 15.0
 
     def start(self) -> GatewayProcess:
         env = {
@@ -61,26 +57,12 @@ class GatewayProcess:
         return httpx.get(self.url + "/health", timeout=5)
 
     def wait_healthy(self, timeout: float = 240.0) -> None:
-        deadline = time.monotonic() + timeout
         assert self.proc is not None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited:\n{self.log.read_text(errors='replace')[-3000:]}")
-            try:
-                if self.health().status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(
-            f"gateway not healthy after {timeout}s:\n{self.log.read_text(errors='replace')[-3000:]}"
+        wait_healthy(
+            self.proc,
+            self.url,
+            timeout,
+            what="gateway",
+            detail=lambda: self.log.read_text(errors="replace")[-3000:],
+            probe_timeout=5.0,
         )
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # our own child, by its handle
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()

@@ -18,13 +18,13 @@ import pytest
 
 from specfuse import EnsembleConfig, SpecFuse
 from specfuse.backends._http import RetryPolicy
-from tests.fault_proxy import FaultProxy
+from tests.fault_proxy import FaultProxy, Rule
 from tests.remote_fixtures import ServerProcess
 
 T = TypeVar("T")
 
 #: The fixtures; test modules star-import them (pytest finds fixtures by module name).
-__all__ = ["clean", "fuse", "proxies", "upstream"]
+__all__ = ["b_hangs", "clean", "fuse", "proxies", "upstream"]
 
 MODEL = "smollm2-135m"
 SERVE_ARGS = ("--enable-prefill-logprobs",)
@@ -98,3 +98,11 @@ def clean(proxies: tuple[FaultProxy, FaultProxy]) -> Iterator[tuple[FaultProxy, 
     yield proxies
     for p in proxies:
         p.set_rules()
+
+
+@pytest.fixture
+def b_hangs(clean: tuple[FaultProxy, FaultProxy]) -> FaultProxy:
+    """Member b's proxy, taking every request and never answering (`clean` heals it after)."""
+    b = clean[1]
+    b.set_rules(Rule("hang"))
+    return b

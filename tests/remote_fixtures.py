@@ -14,10 +14,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pytest
@@ -47,8 +47,57 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_healthy(
+    proc: subprocess.Popen[bytes],
+    url: str,
+    timeout: float,
+    *,
+    what: str,
+    detail: Callable[[], str],
+    every: float = 0.3,
+    probe_timeout: float = 2.0,
+) -> None:
+    """Wait until the child server `proc` answers GET url/health with 200; raise
+    RuntimeError when it exits first and TimeoutError after `timeout` seconds, each
+    with `detail()` (the child's log, say)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}:\n{detail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not healthy after {timeout:.0f}s:\n{detail()}")
+        try:
+            if httpx.get(url + "/health", timeout=probe_timeout).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(every)
+
+
+class ChildServer:
+    """A server subprocess on loopback `port` (`proc` once started), stopped by its own handle."""
+
+    port: int
+    proc: subprocess.Popen[bytes] | None
+    #: Seconds a stopped child has to exit before it is killed.
+    stop_wait = 10.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # our own child, by its handle
+            try:
+                self.proc.wait(self.stop_wait)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 @dataclass
-class ServerProcess:
+class ServerProcess(ChildServer):
     """One `python -m specfuse.devserver` child process."""
 
     model: str
@@ -56,10 +105,6 @@ class ServerProcess:
     args: tuple[str, ...] = ()
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ServerProcess:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -71,28 +116,16 @@ class ServerProcess:
         return self
 
     def wait_healthy(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
         assert self.proc is not None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"server {self.model} ({self.protocol}) exited:\n{err[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"server {self.model} ({self.protocol}) not healthy after {timeout}s")
+        proc = self.proc
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # our own child, by its handle
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        def stderr() -> str:
+            # Only once the child has exited: reading a live child's pipe would block.
+            if proc.poll() is None or proc.stderr is None:
+                return ""
+            return proc.stderr.read().decode(errors="replace")[-3000:]
+
+        wait_healthy(proc, self.url, timeout, what=f"server {self.model} ({self.protocol})", detail=stderr)
 
 
 class ServerPool:
@@ -140,6 +173,23 @@ def remote_config(protocol: str, servers: list[ServerProcess], **fusion: Any) ->
     settings = {**FUSION, **fusion}
     members = [{"model": s.model, "backend": protocol, "urls": [s.url], "timeout": 120.0} for s in servers]
     return EnsembleConfig.build(members, **settings)
+
+
+def fuses_like_reference(protocol: str, servers: list[ServerProcess], reference: Any) -> Any:
+    """Fuse PROMPT over `servers` (every member able to score) and assert the
+    in-process reference's greedy answer: the same text and the same round winners.
+    Returns the result, for a test's further checks."""
+    from specfuse import SpecFuse
+
+    fuse = SpecFuse(remote_config(protocol, servers))
+    try:
+        assert all(m.info.can_score for m in fuse.start())
+        result = fuse.generate(PROMPT)
+    finally:
+        fuse.close()
+    assert result.text == reference.text
+    assert [r.winner for r in result.trace.rounds] == [r.winner for r in reference.trace.rounds]
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -205,21 +255,16 @@ class Fault:
         return self.script.pop(0) if len(self.script) > 1 else self.script[0]
 
 
-class FaultServer:
-    """A loopback uvicorn server in a thread whose replies a test scripts."""
+class ThreadedServer:
+    """An ASGI app served by uvicorn in a daemon thread on a free loopback port (a context manager).
+
+    A subclass builds its app in __init__ and hands it to `_serve`.
+    """
 
     def __init__(self) -> None:
-        self.fault = Fault([(200, {}, {})])
         self.port = free_port()
-        app = FastAPI()
 
-        @app.api_route("/{path:path}", methods=["GET", "POST"])
-        async def anything(path: str, request: Request) -> JSONResponse:
-            body = await request.body()
-            self.fault.seen.append({"path": "/" + path, "headers": dict(request.headers), "body": body})
-            status, payload, headers = self.fault.next()
-            return JSONResponse(payload, status_code=status, headers=headers)
-
+    def _serve(self, app: Any) -> None:
         import uvicorn
 
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
@@ -229,11 +274,7 @@ class FaultServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def script(self, *replies: tuple[int, Any] | tuple[int, Any, dict[str, str]]) -> Fault:
-        self.fault = Fault([(r[0], r[1], r[2] if len(r) > 2 else {}) for r in replies])  # type: ignore[misc]
-        return self.fault
-
-    def __enter__(self) -> FaultServer:
+    def __enter__(self) -> Self:
         self.thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started and time.monotonic() < deadline:
@@ -243,6 +284,28 @@ class FaultServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(5)
+
+
+class FaultServer(ThreadedServer):
+    """A loopback server whose replies a test scripts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fault = Fault([(200, {}, {})])
+        app = FastAPI()
+
+        @app.api_route("/{path:path}", methods=["GET", "POST"])
+        async def anything(path: str, request: Request) -> JSONResponse:
+            body = await request.body()
+            self.fault.seen.append({"path": "/" + path, "headers": dict(request.headers), "body": body})
+            status, payload, headers = self.fault.next()
+            return JSONResponse(payload, status_code=status, headers=headers)
+
+        self._serve(app)
+
+    def script(self, *replies: tuple[int, Any] | tuple[int, Any, dict[str, str]]) -> Fault:
+        self.fault = Fault([(r[0], r[1], r[2] if len(r) > 2 else {}) for r in replies])  # type: ignore[misc]
+        return self.fault
 
 
 @pytest.fixture

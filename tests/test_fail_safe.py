@@ -181,31 +181,29 @@ def test_the_adapters_timeout_bounds_the_members_probe() -> None:
     assert lc_elapsed < 3.0 and li_elapsed < 3.0
 
 
-def test_the_request_deadline_ends_an_answer_whose_member_hangs_mid_answer(served: ServerProcess) -> None:
+def answer_within_a_deadline_while(served: ServerProcess, hangs: str) -> tuple[Any, float]:
+    """One answer with request_deadline=1.0 whose member's server, after the probe,
+    stops answering the path `hangs`: (the result or the error, seconds taken)."""
     with FaultProxy(served.url) as proxy:
         fuse = SpecFuse.from_members([member(proxy.url, name="stalls", api_key=KEY)], **SHORT)
         try:
             fuse.start()
-            proxy.set_rules(Rule("hang", paths=("/v1/completions",)))
-            result, elapsed = timed(lambda: fuse.generate(PROMPT, request_deadline=1.0))
+            proxy.set_rules(Rule("hang", paths=(hangs,)))
+            return timed(lambda: fuse.generate(PROMPT, request_deadline=1.0))
         finally:
             proxy.set_rules()
             fuse.close()
+
+
+def test_the_request_deadline_ends_an_answer_whose_member_hangs_mid_answer(served: ServerProcess) -> None:
+    result, elapsed = answer_within_a_deadline_while(served, hangs="/v1/completions")
     assert not isinstance(result, Exception), result
     assert result.finish_reason == "deadline" and elapsed < 3.0
 
 
 def test_the_request_deadline_bounds_reading_the_prompt(served: ServerProcess) -> None:
-    with FaultProxy(served.url) as proxy:
-        fuse = SpecFuse.from_members([member(proxy.url, name="stalls", api_key=KEY)], **SHORT)
-        try:
-            fuse.start()
-            # After the probe, the member's server stops answering /tokenize (prompt counting).
-            proxy.set_rules(Rule("hang", paths=("/tokenize",)))
-            error, elapsed = timed(lambda: fuse.generate(PROMPT, request_deadline=1.0))
-        finally:
-            proxy.set_rules()
-            fuse.close()
+    # /tokenize is prompt counting.
+    error, elapsed = answer_within_a_deadline_while(served, hangs="/tokenize")
     assert isinstance(error, AllMembersFailedError) and "request deadline" in str(error)
     assert elapsed < 3.0
 

@@ -16,6 +16,7 @@ Two gateways, one per module:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -47,6 +48,9 @@ WEATHER = {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }
+#: What LangChain's and LlamaIndex's OpenAI clients are both given (the same names in each):
+#: the gateway's model and key, the reference's answer length, no retries.
+FRAMEWORK_CLIENT: dict[str, Any] = {"model": MODEL, "api_key": KEY, "max_tokens": SHORT, "max_retries": 0}
 #: Tiny models copy text they are asked to repeat: the only way to get a call from them reliably.
 CALL_PROMPT = (
     'Reply with exactly: <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
@@ -409,14 +413,7 @@ def test_metrics_count_requests_rounds_calls_wins_and_errors(
 def test_langchain_chat_openai(local: GatewayProcess, reference: dict[str, Any]) -> None:
     from langchain_openai import ChatOpenAI
 
-    chat = ChatOpenAI(
-        model=MODEL,
-        base_url=local.url + "/v1",
-        api_key=KEY,
-        max_tokens=SHORT,
-        max_retries=0,
-        stream_usage=True,
-    )
+    chat = ChatOpenAI(base_url=local.url + "/v1", stream_usage=True, **FRAMEWORK_CLIENT)
     message = chat.invoke(PROMPT)
     assert message.content == reference["text"]
     assert message.usage_metadata is not None
@@ -436,14 +433,11 @@ def test_llama_index_openai_like(local: GatewayProcess, reference: dict[str, Any
     from llama_index.llms.openai_like import OpenAILike
 
     llm = OpenAILike(
-        model=MODEL,
         api_base=local.url + "/v1",
-        api_key=KEY,
         is_chat_model=True,
         temperature=0.0,  # LlamaIndex's default is 0.1; the reference is greedy
-        max_tokens=SHORT,
-        max_retries=0,
         context_window=2048,
+        **FRAMEWORK_CLIENT,
     )
     answer = llm.chat([ChatMessage(role="user", content=PROMPT)])
     assert answer.message.content == reference["text"]
@@ -508,8 +502,7 @@ def remote(
     ]
     config = write_config(folder / "remote.json", members, {"temperature": 0.0, "seed": 7, "max_tokens": 24})
     # The first probe of member a hangs: /health must say "starting" until every member answered.
-    for p in proxies:
-        p.set_rules()
+    _set_rules(proxies)
     proxies[0].set_rules(Rule("hang", paths=("/info",), times=1))
     gateway = GatewayProcess(
         config, folder / "gateway.log", api_key=KEY, args=("--max-concurrent", "1", "--retry-after", "3")
@@ -522,8 +515,14 @@ def remote(
         yield gateway
     finally:
         gateway.stop()
-        for p in proxies:
-            p.set_rules()
+        _set_rules(proxies)
+
+
+def _set_rules(proxies: tuple[FaultProxy, ...], *rules: Rule) -> None:
+    """Give every proxy the same rules, each its own copy (a rule counts its `times` down);
+    no rules: healthy again."""
+    for p in proxies:
+        p.set_rules(*(dataclasses.replace(r) for r in rules))
 
 
 def _hanging(*proxies: FaultProxy) -> int:
@@ -579,8 +578,7 @@ def test_disconnect_mid_stream_cancels_member_calls(
     lines = response.iter_lines()
     while '"specfuse_member"' not in next(lines):  # the first accepted segment
         pass
-    for p in (a, b):
-        p.set_rules(Rule("hang", paths=("/", "/generate")))
+    _set_rules(proxies, Rule("hang", paths=("/", "/generate")))
     # The next round's calls reach the members and hang there; then the client leaves.
     assert wait_until(lambda: _hanging(a, b) >= 1, 30)
     response.close()
@@ -599,8 +597,7 @@ def test_429_beyond_the_limit_and_a_non_streaming_disconnect(
     proxies: tuple[FaultProxy, FaultProxy],
 ) -> None:
     a, b = proxies
-    for p in (a, b):
-        p.set_rules(Rule("hang", paths=("/", "/generate")))
+    _set_rules(proxies, Rule("hang", paths=("/", "/generate")))
     body = {"model": "specfuse:a+b", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 8}
     outcome: dict[str, Any] = {}
 
@@ -627,8 +624,7 @@ def test_429_beyond_the_limit_and_a_non_streaming_disconnect(
         thread.join(30)
     assert "gave_up" in outcome
     assert wait_until(lambda: a.disconnects + b.disconnects >= 1 and a.in_flight + b.in_flight == 0, 5)
-    for p in (a, b):
-        p.set_rules()
+    _set_rules(proxies)
     # The slot was given back: the next request is served.
     assert wait_until(
         lambda: _post(remote, "/v1/chat/completions", {**body, "max_tokens": 2}).status_code == 200, 60
@@ -639,9 +635,7 @@ def test_member_failure_mid_answer_is_a_stream_error(
     remote: GatewayProcess,
     proxies: tuple[FaultProxy, FaultProxy],
 ) -> None:
-    a, b = proxies
-    for p in (a, b):
-        p.set_rules()
+    _set_rules(proxies)
     client = openai.OpenAI(base_url=remote.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
     stream = client.chat.completions.create(
         model="specfuse:a+b",
@@ -656,15 +650,12 @@ def test_member_failure_mid_answer_is_a_stream_error(
             if chunk.choices and chunk.choices[0].delta.content:
                 received.append(chunk.choices[0].delta.content)
                 if len(received) == 1:
-                    for p in (a, b):
-                        p.set_rules(
-                            Rule("status", status=500, body={"error": "boom", "error_type": "generation"})
-                        )
+                    boom = Rule("status", status=500, body={"error": "boom", "error_type": "generation"})
+                    _set_rules(proxies, boom)
     assert received  # the answer had begun
     assert caught.value.body["code"] == "members_failed"  # type: ignore[index]
     assert MEMBER_KEY not in caught.value.message
-    for p in (a, b):
-        p.set_rules()
+    _set_rules(proxies)
     log = Path(remote.log).read_text(errors="replace")
     assert MEMBER_KEY not in log and KEY not in log
 

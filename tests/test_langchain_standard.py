@@ -29,15 +29,13 @@ MEMBERS: list[dict[str, Any]] = [
 PARAMS: dict[str, Any] = {"members": MEMBERS, "max_tokens": 64, "temperature": 0, "seed": 7}
 
 
-class TestChatSpecFuseUnit(ChatModelUnitTests):
+class ChatSpecFuseSuite:
+    """What both standard suites are told about ChatSpecFuse (listed first, so it overrides
+    the suites' defaults)."""
+
     @property
     def chat_model_class(self) -> type[ChatSpecFuse]:
         return ChatSpecFuse
-
-    @property
-    def chat_model_params(self) -> dict[str, Any]:
-        # test_standard_params passes max_tokens itself, so it must not be here too.
-        return {k: v for k, v in PARAMS.items() if k != "max_tokens"}
 
     @property
     def has_tool_choice(self) -> bool:
@@ -46,6 +44,13 @@ class TestChatSpecFuseUnit(ChatModelUnitTests):
     @property
     def supports_json_mode(self) -> bool:
         return True
+
+
+class TestChatSpecFuseUnit(ChatSpecFuseSuite, ChatModelUnitTests):
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        # test_standard_params passes max_tokens itself, so it must not be here too.
+        return {k: v for k, v in PARAMS.items() if k != "max_tokens"}
 
     @property
     def init_from_env_params(self) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
@@ -64,22 +69,10 @@ class TestChatSpecFuseUnit(ChatModelUnitTests):
         super().test_serdes(model, snapshot)
 
 
-class TestChatSpecFuseIntegration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatSpecFuse]:
-        return ChatSpecFuse
-
+class TestChatSpecFuseIntegration(ChatSpecFuseSuite, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         return dict(PARAMS)
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
 
     # The 0.5B model fills a no-argument call with the tool's JSON schema
     # ({"type": "object", "properties": {}}) instead of {}. Parsing of no-argument

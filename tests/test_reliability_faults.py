@@ -113,10 +113,10 @@ def test_a_slow_member_within_the_deadline_is_waited_for(
 def test_a_straggler_is_left_out_at_the_round_deadline_and_then_dropped(
     fuse: SpecFuse,
     clean: tuple[FaultProxy, FaultProxy],
+    b_hangs: FaultProxy,
 ) -> None:
     """b hangs: each round ends at round_deadline without it; after two such rounds it is not called again."""
-    a, b = clean
-    b.set_rules(Rule("hang"))
+    a, b = clean[0], b_hangs
     deadline = 4.0
     t0 = time.monotonic()
     result = run(fuse.agenerate(PROMPT, max_tokens=9, segment_tokens=3, round_deadline=deadline), 90)
@@ -141,13 +141,8 @@ def test_a_straggler_is_left_out_at_the_round_deadline_and_then_dropped(
     assert a.count() > 0
 
 
-def test_a_hanging_member_without_round_deadline_times_out(
-    fuse: SpecFuse,
-    clean: tuple[FaultProxy, FaultProxy],
-) -> None:
+def test_a_hanging_member_without_round_deadline_times_out(fuse: SpecFuse, b_hangs: FaultProxy) -> None:
     """No round_deadline: b's per-call timeout (1.5 s) and the retry budget bound the round."""
-    _, b = clean
-    b.set_rules(Rule("hang"))
     backend: Any = fuse._backends["b"]
     saved = backend.timeout
     backend.timeout = 1.5  # read when the per-loop client is made (run() uses a fresh loop)

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from specfuse import SpecFuse
 from tests.remote_fixtures import (  # noqa: F401  (fixtures)
     PAIR,
-    PROMPT,
+    fuses_like_reference,
     reference_answer,
-    remote_config,
     server_pool,
 )
 
@@ -23,10 +21,4 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("protocol", ["vllm", "sglang"])
 def test_fusion_equals_in_process(server_pool, reference_answer, protocol):  # noqa: F811
-    servers = server_pool.get(protocol, PAIR)
-    fuse = SpecFuse(remote_config(protocol, servers))
-    assert all(m.info.can_score for m in fuse.start())
-    result = fuse.generate(PROMPT)
-    fuse.close()
-    assert result.text == reference_answer.text
-    assert [r.winner for r in result.trace.rounds] == [r.winner for r in reference_answer.trace.rounds]
+    fuses_like_reference(protocol, server_pool.get(protocol, PAIR), reference_answer)

