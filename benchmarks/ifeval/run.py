@@ -43,7 +43,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from benchmarks.ifeval.cache import Cache
@@ -242,22 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     members = [m for arg in args.members for m in arg.split(",") if m]
     modes = [m for arg in args.modes for m in arg.split(",") if m]
-    settings = BenchSettings(
-        max_tokens=args.max_tokens,
-        segment_tokens=args.segment_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        lam=args.lam,
-        lead=None if args.lead == "auto" else args.lead,
-        exit_rule=args.exit_rule,
-        exit_warmup=args.exit_warmup,
-        exit_margin=args.exit_margin,
-        exit_patience=args.exit_patience,
-        exit_temperature=args.exit_temperature,
-        exit_ratio=args.exit_ratio,
-        min_active=args.min_active,
-    )
+    # Every setting has a flag of its name; only --lead has a spelling of its own ('auto').
+    knobs = {f.name: getattr(args, f.name) for f in fields(BenchSettings) if f.name != "lead"}
+    settings = BenchSettings(**knobs, lead=None if args.lead == "auto" else args.lead)
     outcome = run_benchmark(
         data=args.data,
         limit=args.limit,
