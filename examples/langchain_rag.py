@@ -24,7 +24,7 @@ from langchain_specfuse import ChatSpecFuse
 from langchain_specfuse.embeddings import LocalMiniLMEmbeddings
 
 #: Two instruct models with different tokenizers that answer from a context well.
-RAG_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
+RAG_MODELS = ("qwen2.5-coder-0.5b", "smollm2-135m")
 
 #: Made-up facts, so the answer can only come from the retrieved document.
 DOCUMENTS = [

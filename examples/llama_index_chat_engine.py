@@ -18,7 +18,7 @@ from llama_index.core import Document, Settings, VectorStoreIndex
 
 from llama_index_specfuse import LocalMiniLMEmbedding, SpecFuseLLM
 
-CHAT_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
+CHAT_MODELS = ("qwen2.5-coder-0.5b", "smollm2-135m")
 
 DOCUMENTS = [
     Document(text="Mount Vexar is 4,210 metres high and was first climbed in 1931.", doc_id="mountain"),

@@ -19,7 +19,7 @@ from llama_index.core import Document, Settings, VectorStoreIndex
 from llama_index_specfuse import LocalMiniLMEmbedding, SpecFuseLLM
 
 #: Two instruct models with different tokenizers that answer from a context well.
-RAG_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
+RAG_MODELS = ("qwen2.5-coder-0.5b", "smollm2-135m")
 
 #: Made-up facts, so the answer can only come from the retrieved document.
 DOCUMENTS = [

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from llama_index_specfuse import SpecFuseLLM
 
-STRUCTURED_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
+STRUCTURED_MODELS = ("qwen2.5-coder-0.5b", "smollm2-135m")
 
 
 class City(BaseModel):

@@ -123,8 +123,9 @@ def test_unicode_arguments_survive_parsing_and_streaming() -> None:
 
 def test_default_is_the_embedded_ensemble_and_names_it() -> None:
     llm = ChatSpecFuse()
-    assert llm.ensemble_config().members[0].model == "smollm2-135m"
-    assert llm.resolved_model_name.startswith("specfuse:smollm2-135m+")
+    # The strongest alone first: it leads gated fusion (specfuse.config.DEFAULT_LOCAL_MODELS).
+    assert llm.ensemble_config().members[0].model == "qwen2.5-coder-0.5b"
+    assert llm.resolved_model_name == "specfuse:qwen2.5-coder-0.5b+smollm2-135m+gemma3-270m"
     assert ChatSpecFuse.local(PAIR).resolved_model_name == "specfuse:smollm2-135m+gemma3-270m"
     assert ChatSpecFuse(model="my-fusion").resolved_model_name == "my-fusion"
 
