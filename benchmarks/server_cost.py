@@ -174,6 +174,9 @@ def fused(
         temperature=0.8,
         max_tokens=max_tokens,
         model_exit=False,
+        # Every round fused: this measures what verification costs the servers, which
+        # gating (the default) would skip in the rounds the lead is sure of.
+        gate_logprob=None,
     )
     fuse = SpecFuse(config)
     for m in fuse.start():  # probes happen here, outside the measured block

@@ -396,7 +396,9 @@ def test_a_try_lost_before_one_that_answers_is_unmetered(
 def test_trace_reports_the_prompt_tokens_the_server_computed(vllm_scale_out: Server) -> None:
     """The trace's per-call figures add up to what vLLM's own counters say."""
     members = [member(vllm_scale_out, "auto", name=f"m{i}") for i in (1, 2)]
-    fuse = SpecFuse(EnsembleConfig.build(members, temperature=0.8, max_tokens=12, model_exit=False))
+    # Every round fused (no gate), so the scoring calls the test checks are made.
+    settings = {"temperature": 0.8, "max_tokens": 12, "model_exit": False, "gate_logprob": None}
+    fuse = SpecFuse(EnsembleConfig.build(members, **settings))
     try:
         started = fuse.start()
         assert {m.info.extra["scoring_path"] for m in started} == {"tokens"}
