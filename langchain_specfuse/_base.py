@@ -8,7 +8,7 @@ its results into LangChain metadata.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from langchain_core.messages import BaseMessage
 from langchain_core.messages.ai import UsageMetadata
@@ -116,6 +116,19 @@ class SpecFuseParams(SharesEngine, BaseModel):
     def from_file(cls, path: str, **kwargs: Any) -> Self:
         """An ensemble described by a `.toml` / `.json` config file."""
         return cls(config_path=str(path), **kwargs)
+
+    #: LangChain's name for the model type, and the module its serialised form names
+    #: (fixed, so that a subclass defined elsewhere still loads as this package's class).
+    llm_type: ClassVar[str]
+    lc_module: ClassVar[str]
+
+    @property
+    def _llm_type(self) -> str:
+        return self.llm_type
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        return ["langchain_specfuse", cls.lc_module]
 
     @classmethod
     def is_lc_serializable(cls) -> bool:

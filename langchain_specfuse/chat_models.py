@@ -6,7 +6,7 @@ import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.exceptions import OutputParserException
@@ -94,13 +94,8 @@ class ChatSpecFuse(SpecFuseParams, BaseChatModel):
 
     # -- LangChain plumbing ---------------------------------------------------
 
-    @property
-    def _llm_type(self) -> str:
-        return "specfuse-chat"
-
-    @classmethod
-    def get_lc_namespace(cls) -> list[str]:
-        return ["langchain_specfuse", "chat_models"]
+    llm_type: ClassVar[str] = "specfuse-chat"
+    lc_module: ClassVar[str] = "chat_models"
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(

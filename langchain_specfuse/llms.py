@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseLLM
@@ -30,13 +30,8 @@ class SpecFuseLLM(SpecFuseParams, BaseLLM):
     to `on_llm_new_token` (BaseLLM leaves that to the integration).
     """
 
-    @property
-    def _llm_type(self) -> str:
-        return "specfuse"
-
-    @classmethod
-    def get_lc_namespace(cls) -> list[str]:
-        return ["langchain_specfuse", "llms"]
+    llm_type: ClassVar[str] = "specfuse"
+    lc_module: ClassVar[str] = "llms"
 
     def _info(self, result: FusionResult) -> dict[str, Any]:
         return {**result_metadata(result, self.resolved_model_name), "usage_metadata": usage_metadata(result)}
