@@ -28,6 +28,8 @@ from tests.remote_fixtures import free_port
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m"
+#: smollm2-135m answers it greedily with U+1F375 four times, three byte tokens each.
+EMOJI_PROMPT = "I love pizza \U0001f355\U0001f355 and pasta"
 #: Candidates whose boundary or body falls inside characters split across tokens.
 HARD = [
     ("日本語", "日本語"),
@@ -105,6 +107,33 @@ def get(url: str) -> httpx.Response:
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+# -- every protocol -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["tgi", "vllm", "sglang"])
+def test_drafts_carry_each_tokens_text_so_the_gate_can_cut_them(servers, protocol):
+    """Gated fusion keeps a draft's first tokens and holds the rest (Draft.split). TGI and
+    vLLM report what each generated token adds to the text, "" for the first bytes of a
+    split character; SGLang decodes each token alone, so a split character cannot be cut."""
+    backend = member(protocol, servers[protocol].url)
+    greedy = Sampling(temperature=0.0)
+    plain = run(backend.draft("The sky is", max_tokens=8, sampling=greedy))
+    assert len(plain.token_texts) == len(plain.token_logprobs) > 3
+    head, tail = plain.split(3, 8) or (None, None)
+    assert head is not None and tail is not None and head.text + tail.text == plain.text
+    assert head.token_logprobs + tail.token_logprobs == plain.token_logprobs
+
+    emoji = run(backend.draft(EMOJI_PROMPT, max_tokens=12, sampling=greedy))
+    assert "\U0001f375" in emoji.text  # split across three byte tokens each
+    if protocol == "sglang":
+        assert "\ufffd" in "".join(emoji.token_texts) and emoji.split(4, 8) is None
+    else:
+        assert "".join(emoji.token_texts).startswith(emoji.text)
+        head, tail = emoji.split(4, 8) or (None, None)
+        assert head is not None and tail is not None
+        assert emoji.text.startswith(head.text + tail.text) and tail.text
 
 
 # -- TGI ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ to a loop, such as an HTTP client, is created lazily per running loop.
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -114,11 +115,42 @@ class Draft:
     usage: ServerUsage | None = None
     #: Attempts the draft's request needed, retries included (the trace records it).
     attempts: int = 1
+    #: Each generated token's text, when the server reports it: they spell `text`
+    #: (a token that completes a multi-byte character carries all of it).
+    token_texts: tuple[str, ...] = ()
 
     @property
     def finished(self) -> bool:
         """The drafter ended its turn (EOS / end-of-turn) or hit a stop sequence."""
         return self.finish_reason != "length"
+
+    def split(self, at: int, tail_tokens: int) -> tuple[Draft, Draft] | None:
+        """The first `at` tokens, and at most `tail_tokens` after them, as two drafts.
+
+        The token texts may spell more than `text` (a stop sequence or an end marker
+        the server cut off): what lies beyond `text` belongs to no draft. None when
+        they do not spell it (no texts reported, or a tokenizer's spelling differs).
+        """
+        pieces = self.token_texts
+        spelled = "".join(pieces)
+        if not pieces or len(pieces) != len(self.token_logprobs) or not spelled.startswith(self.text):
+            return None
+        ends = list(itertools.accumulate(len(p) for p in pieces))
+        end = min(len(pieces), at + tail_tokens)
+        cut = min(ends[at - 1], len(self.text)) if at else 0
+        stop = min(ends[end - 1], len(self.text))
+        head = Draft(
+            self.text[:cut], at, "length", self.token_logprobs[:at], self.usage, self.attempts, pieces[:at]
+        )
+        tail = Draft(
+            self.text[cut:stop],
+            end - at,
+            # The tail ends the draft when it reaches its last token or the end of its text.
+            self.finish_reason if end == len(pieces) or ends[end - 1] >= len(self.text) else "length",
+            self.token_logprobs[at:end],
+            token_texts=pieces[at:end],
+        )
+        return head, tail
 
 
 @dataclass(frozen=True)

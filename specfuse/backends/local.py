@@ -212,6 +212,7 @@ class LocalBackend(Backend):
             logits, cache, fed = self._prefill(loaded, ids)
             out: list[int] = []
             logprobs: list[float] = []
+            pieces: list[str] = []
             finish = "length"
             text = ""
             # A segment may end inside a multi-byte character: allow a few extra
@@ -224,7 +225,10 @@ class LocalBackend(Backend):
                     break
                 out.append(token)
                 logprobs.append(logprob)
+                spelled = sum(map(len, pieces))
                 text = tok.decode(out, skip_special_tokens=False)
+                # A token that ends inside a character spells nothing yet; the next carries it.
+                pieces.append("" if text.endswith("\ufffd") else text[spelled:])
                 hit = _first_stop(text, stop)
                 if hit is not None:
                     text, finish = text[:hit], "stop"
@@ -236,7 +240,13 @@ class LocalBackend(Backend):
             self._keep(cache, fed)
         if text.endswith("\ufffd"):
             text = text.rstrip("\ufffd")
-        return Draft(text=text, token_count=len(out), finish_reason=finish, token_logprobs=tuple(logprobs))
+        return Draft(
+            text=text,
+            token_count=len(out),
+            finish_reason=finish,
+            token_logprobs=tuple(logprobs),
+            token_texts=tuple(pieces),
+        )
 
     # -- scoring -------------------------------------------------------------
 

@@ -104,7 +104,15 @@ class SGLangBackend(RemoteBackend):
             params["stop"] = list(stop)
         tally = Attempts()
         data = await self._generate(
-            {"text": context, "sampling_params": params, "return_logprob": True}, tally=tally
+            # Each token's text too, so the gate can cut the draft at a token
+            # (python/sglang/srt/managers/tokenizer_manager.py, detokenize_logprob_tokens).
+            {
+                "text": context,
+                "sampling_params": params,
+                "return_logprob": True,
+                "return_text_in_logprobs": True,
+            },
+            tally=tally,
         )
         meta = data.get("meta_info") or {}
         text, hit = cut_at_stop(data.get("text") or "", stop)
@@ -123,6 +131,7 @@ class SGLangBackend(RemoteBackend):
             token_count=max(0, count),
             finish_reason=finish,
             token_logprobs=tuple(float(r[0]) for r in out if r and r[0] is not None),
+            token_texts=tuple(str(r[2] or "") for r in out if r and r[0] is not None and len(r) > 2),
             usage=_usage(meta),
             attempts=tally.most,
         )

@@ -118,6 +118,8 @@ class TGIBackend(RemoteBackend):
             token_count=len(tokens),
             finish_reason=finish,
             token_logprobs=tuple(float(t["logprob"]) for t in tokens if t.get("logprob") is not None),
+            # Each token's text as TGI streams it (router/src/lib.rs, Token.text).
+            token_texts=tuple(str(t.get("text") or "") for t in tokens if t.get("logprob") is not None),
             attempts=tally.most,
         )
 

@@ -320,8 +320,14 @@ class VLLMBackend(TokenRoute):
         )
         choice = data["choices"][0]
         text, hit = cut_at_stop(choice.get("text") or "", stop)
-        raw_lps = (choice.get("logprobs") or {}).get("token_logprobs") or []
+        logprobs = choice.get("logprobs") or {}
+        raw_lps = logprobs.get("token_logprobs") or []
         lps = [x for x in raw_lps if x is not None]
+        # Each token's text, decoded on its own by the server (vllm/v1/engine/logprobs.py,
+        # LogprobsProcessor: convert_ids_list_to_tokens, then _verify_tokens for bytes
+        # that end inside a character); the gate cuts a draft at their boundaries.
+        tokens = logprobs.get("tokens") or []
+        pieces = [t for t, x in zip(tokens, raw_lps, strict=False) if x is not None]
         if self._known is not None:
             self._remember_draft(choice, raw_lps)
         finish: FinishReason
@@ -337,6 +343,7 @@ class VLLMBackend(TokenRoute):
             token_count=count,
             finish_reason=finish,
             token_logprobs=tuple(lps),
+            token_texts=tuple(pieces) if len(pieces) == len(lps) else (),
             usage=draft_usage(data),
             attempts=tally.most,
         )

@@ -1,8 +1,10 @@
 """The imitation's model: one embedded model with a prefix KV cache, and its decoding.
 
 Like the real servers, it tokenizes inputs with the tokenizer's special
-tokens added (a BOS where the model wants one), and decodes each token on
-its own for per-token texts (so partial UTF-8 characters come back as U+FFFD).
+tokens added (a BOS where the model wants one). A generated token's text is
+what it adds to the decoded answer ("" while a character is incomplete), as TGI
+and vLLM report it; prompt tokens and SGLang's texts are each token decoded on
+its own (a partial UTF-8 character comes back as U+FFFD).
 Greedy decoding (`do_sample: false` / `temperature: 0`) is deterministic.
 """
 
@@ -135,8 +137,14 @@ class Runner:
                     finish = "eos"
                     break
                 generated.append(token)
-                out.append(GenToken(token, self.token_text(token), logprob, token in self._special_ids))
+                spelled = sum(len(t.text) for t in out)
                 text = self.tokenizer.decode(generated, skip_special_tokens=False)
+                # Each token's text as TGI and vLLM report it: what it adds to the decoded
+                # text, "" while it ends inside a character (TGI:
+                # server/text_generation_server/models/model.py, Model.decode_token; vLLM:
+                # vllm/v1/engine/logprobs.py, LogprobsProcessor._verify_tokens).
+                piece = "" if text.endswith("\ufffd") else text[spelled:]
+                out.append(GenToken(token, piece, logprob, token in self._special_ids))
                 hit = _first_stop(text, stop)
                 if hit is not None:
                     finish = "stop"

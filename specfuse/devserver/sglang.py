@@ -67,6 +67,7 @@ async def generate(ctx: Context, request: Request) -> Response:
             body.get("sampling_params") or {},
             bool(body.get("return_logprob")),
             body.get("logprob_start_len"),
+            bool(body.get("return_text_in_logprobs")),
         )
         return ctx.json(one) if isinstance(one, dict) else one
     # A batch, as real SGLang takes it: `text` a list of prompts, and each per-request
@@ -93,7 +94,9 @@ async def generate(ctx: Context, request: Request) -> Response:
         return ctx.error(400, "a per-request list's length differs from the batch size", "BadRequestError")
     results = []
     for t, sp, flag, start in zip(text, params, flags, starts, strict=True):
-        one = await _generate_one(ctx, t, sp or {}, bool(flag), start)
+        one = await _generate_one(
+            ctx, t, sp or {}, bool(flag), start, bool(body.get("return_text_in_logprobs"))
+        )
         if not isinstance(one, dict):
             return one  # one invalid prompt fails the whole batch
         results.append(one)
@@ -101,7 +104,12 @@ async def generate(ctx: Context, request: Request) -> Response:
 
 
 async def _generate_one(
-    ctx: Context, text: str, sp: dict[str, Any], return_logprob: bool, logprob_start_len: Any
+    ctx: Context,
+    text: str,
+    sp: dict[str, Any],
+    return_logprob: bool,
+    logprob_start_len: Any,
+    return_text: bool,
 ) -> dict[str, Any] | Response:
     runner, max_total = ctx.runner, ctx.max_total
     # python/sglang/srt/sampling/sampling_params.py, SamplingParams(**sampling_params):
@@ -152,8 +160,13 @@ async def _generate_one(
         if start < 0:
             start = len(ids)  # SGLang's default: no prompt log-probs
         lps = await ctx.prompt_logprobs(ids, start) if start < len(ids) else []
-        meta["input_token_logprobs"] = [
-            [lp, i, runner.token_text(i)] for i, lp in zip(ids[start:], lps, strict=True)
-        ]
-        meta["output_token_logprobs"] = [[t.logprob, t.id, t.text] for t in generation.tokens]
+
+        # Each token's text only when asked for, decoded on its own
+        # (python/sglang/srt/managers/tokenizer_manager.py, detokenize_logprob_tokens:
+        # None unless return_text_in_logprobs, else tokenizer.batch_decode of the ids).
+        def spelled(token: int) -> str | None:
+            return runner.token_text(token) if return_text else None
+
+        meta["input_token_logprobs"] = [[lp, i, spelled(i)] for i, lp in zip(ids[start:], lps, strict=True)]
+        meta["output_token_logprobs"] = [[t.logprob, t.id, spelled(t.id)] for t in generation.tokens]
     return {"text": generation.text_before_stop, "meta_info": meta}
