@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from specfuse import scoring
-from specfuse.backends.base import Backend, BackendInfo
+from specfuse.backends.base import Backend, BackendInfo, Draft
 from specfuse.config import FusionSettings
 from specfuse.errors import AllMembersFailedError, ConfigError, ContextWindowError
 from specfuse.prompts import FormattedPrompt, Message, PromptFormat, check_messages
@@ -103,6 +103,9 @@ class _Request:
     history: list[dict[str, float]] = field(default_factory=list)
     #: The member that drafts first under gating (``gate_logprob``); None when gating is off.
     lead: str | None = None
+    #: The rest of the lead's last draft, from the token it was unsure of: its
+    #: candidate in the fused round that follows.
+    held: Draft | None = None
 
 
 async def _begin(

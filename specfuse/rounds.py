@@ -14,9 +14,9 @@ One round:
                sequence or any member's turn marker appears in the fused
                text, or the caller cancels.
 
-With gating (``gate_logprob``) the lead member drafts first and a segment it is
-sure of is accepted without steps 2-4: the others draft and everyone verifies
-only where the lead hesitates. Online weights (SpecEM) and model exit run
+With gating (``gate_logprob``) the lead member drafts first, and the tokens it is
+sure of are accepted without steps 2-4: from the first token it is unsure of, the
+others draft too and everyone verifies. Online weights (SpecEM) and model exit run
 between rounds. The math lives in
 :mod:`specfuse.scoring`, the calls in :mod:`specfuse.verification`; this
 module orders them and records the trace.
@@ -105,8 +105,13 @@ async def _round(request: _Request) -> RoundRecord | None:
 
     drafts: dict[str, Draft] = {}
     lead = next((m for m in drafters if m.name == request.lead), None)
+    held, request.held = request.held, None
     if lead is not None and not solo:
-        drafts, record.gated, record.gate_reason = await _gate(request, record, lead, segment_tokens)
+        if held is not None:
+            drafts, record.gated = {lead.name: held}, False
+            record.gate_reason = f"lead {lead.name} was unsure here last round"
+        else:
+            drafts, record.gated, record.gate_reason = await _gate(request, record, lead, segment_tokens)
     if record.gated:
         scores: dict[str, dict[str, float]] = {}
     else:
@@ -153,26 +158,37 @@ async def _round(request: _Request) -> RoundRecord | None:
 async def _gate(
     request: _Request, record: RoundRecord, lead: Member, segment_tokens: int
 ) -> tuple[dict[str, Draft], bool, str]:
-    """The lead drafts alone first; its segment is accepted as is when the lead is sure of it.
+    """The lead drafts alone first; the tokens before the first it is unsure of are accepted.
 
-    Returns the lead's draft (kept as its candidate when a round follows),
-    whether the round is gated, and why, with the numbers.
+    Returns the lead's draft (all of it when it is sure of every token, the tokens
+    before the unsure one otherwise, or, when that is the first, its candidate
+    for the round that runs now), whether the round is gated, and why. The rest
+    of the draft, from the unsure token, is held as the lead's candidate for the
+    fused round that follows.
     """
     threshold = request.settings.gate_logprob
     assert threshold is not None  # a lead is only chosen when gating is on
-    draft = await _draft(request, record, lead, segment_tokens)
+    alone = min(request.settings.gate_tokens, request.max_tokens - request.tokens_used)
+    draft = await _draft(request, record, lead, alone)
     if draft is None:
         return {}, False, f"lead {lead.name} failed to draft"
     if not draft.token_logprobs:
         return {lead.name: draft}, False, f"lead {lead.name} reported no token log-probs"
-    confidence = sum(draft.token_logprobs) / len(draft.token_logprobs)
-    sure = confidence >= threshold
-    relation = ">=" if sure else "<"
-    return (
-        {lead.name: draft},
-        sure,
-        f"lead {lead.name} mean log-prob {confidence:.3f} {relation} gate_logprob {threshold:g}",
-    )
+    unsure = next((i for i, lp in enumerate(draft.token_logprobs) if lp < threshold), None)
+    if unsure is None:
+        least = min(draft.token_logprobs)
+        sure = f"sure of all {len(draft.token_logprobs)} tokens (least log-prob {least:.3f})"
+        return {lead.name: draft}, True, f"lead {lead.name} {sure} >= gate_logprob {threshold:g}"
+    lp = draft.token_logprobs[unsure]
+    why = f"lead {lead.name} token {unsure + 1} log-prob {lp:.3f} < gate_logprob {threshold:g}"
+    parts = draft.split(unsure, segment_tokens)
+    if parts is None:
+        return {lead.name: draft}, False, f"{why}; no token texts to cut at, its whole draft is its candidate"
+    head, tail = parts
+    if unsure == 0:
+        return {lead.name: tail}, False, why
+    request.held = tail
+    return {lead.name: head}, True, f"{why}: the {unsure} tokens before it are kept, a fused round follows"
 
 
 def _rank(

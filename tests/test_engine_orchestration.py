@@ -33,12 +33,16 @@ class ScriptedBackend(Backend):
         *,
         fail: bool = False,
         logprob: float | None = None,
+        tokens: Sequence[tuple[str, float]] = (),
     ) -> None:
         self.name, self.text, self.delay, self.log, self.fail = name, text, delay, log, fail
         self.endpoint = f"scripted:{name}"
         self.scored: list[list[str]] = []
         #: The drafter's own log-prob of each of its two tokens (None: reports none).
         self.logprob = logprob
+        #: When given, the draft is these tokens (text, log-prob) in turn, as far as max_tokens.
+        self.tokens = list(tokens)
+        self.drafted = 0
 
     async def info(self) -> BackendInfo:
         return BackendInfo(model_id=self.name, context_window=10_000)
@@ -51,6 +55,16 @@ class ScriptedBackend(Backend):
         if self.fail:
             raise BackendError("scripted failure", member=self.name)
         self.log.append((time.perf_counter(), self.name, "draft-end"))
+        if self.tokens:
+            taken = self.tokens[self.drafted : self.drafted + max_tokens]
+            self.drafted += len(taken)
+            return Draft(
+                "".join(t for t, _ in taken),
+                token_count=len(taken),
+                finish_reason="length" if self.drafted < len(self.tokens) else "eos",
+                token_logprobs=tuple(lp for _, lp in taken),
+                token_texts=tuple(t for t, _ in taken),
+            )
         own = () if self.logprob is None else (self.logprob, self.logprob)
         return Draft(self.text, token_count=2, finish_reason="length", token_logprobs=own)
 
@@ -347,10 +361,12 @@ async def test_a_sure_lead_writes_the_segment_alone() -> None:
     for record in result.trace.rounds:
         assert record.gated is True and record.winner == "lead" and record.skipped_verification
         assert draft_calls(record) == ["lead"] and len(record.calls) == 1
-        assert record.gate_reason == "lead lead mean log-prob -0.100 >= gate_logprob -0.5"
+        assert record.gate_reason == (
+            "lead lead sure of all 2 tokens (least log-prob -0.100) >= gate_logprob -0.5"
+        )
     assert other.scored == [] and not any(who == "other" for _, who, _ in log)
     assert result.trace.summary()["gated_rounds"] == 2
-    assert "gated, no round: lead lead mean log-prob -0.100" in result.trace.to_html()
+    assert "gated, no round: lead lead sure of all 2 tokens" in result.trace.to_html()
 
 
 async def test_an_unsure_lead_gets_a_full_round_that_keeps_its_draft() -> None:
@@ -360,12 +376,55 @@ async def test_an_unsure_lead_gets_a_full_round_that_keeps_its_draft() -> None:
     result = await fuse_of(lead, other, max_tokens=2, gate_logprob=-0.5).agenerate("hi")
     record = result.trace.rounds[0]
     assert record.gated is False and not record.skipped_verification
-    assert "mean log-prob -2.000 < gate_logprob -0.5" in record.gate_reason
+    # Its first token is unsure, and without token texts no cut is known: all of it competes.
+    assert record.gate_reason == (
+        "lead lead token 1 log-prob -2.000 < gate_logprob -0.5; "
+        "no token texts to cut at, its whole draft is its candidate"
+    )
     # The lead drafted once: its gate draft is its candidate in the round.
     assert sorted(draft_calls(record)) == ["lead", "other"]
     assert {c.member for c in record.candidates} == {"lead", "other"}
     assert set(record.scores) == {"lead", "other"}
     assert result.trace.summary()["gated_rounds"] == 0
+
+
+async def test_the_lead_keeps_what_it_is_sure_of_and_the_round_starts_at_its_doubt() -> None:
+    """Tokens before the first unsure one are accepted alone; from it the others draft and
+    everyone verifies, the rest of the lead's draft (one segment of it) its candidate."""
+    log: list = []
+    sure, unsure = -0.1, -3.0
+    lead = ScriptedBackend(
+        "lead", "", 0.01, log, tokens=[("A", sure), (" b", sure), ("C", unsure), ("D", sure), ("E", sure)]
+    )
+    other = ScriptedBackend("other", "X", 0.01, log, logprob=sure)
+    fuse = fuse_of(lead, other, max_tokens=4, segment_tokens=2, gate_tokens=5, gate_logprob=-0.5)
+    result = await fuse.agenerate("hi")
+    first, second = result.trace.rounds[:2]
+    assert first.gated is True and first.accepted_text == "A b" and draft_calls(first) == ["lead"]
+    assert first.gate_reason == (
+        "lead lead token 3 log-prob -3.000 < gate_logprob -0.5: the 2 tokens before it are kept, "
+        "a fused round follows"
+    )
+    assert second.gated is False and second.gate_reason == "lead lead was unsure here last round"
+    # The lead is not asked again: its held tail, cut to a segment, is its candidate.
+    assert draft_calls(second) == ["other"]
+    assert {c.member: c.text for c in second.candidates} == {"lead": "CD", "other": "X"}
+    assert set(second.scores) == {"lead", "other"}
+    assert result.text.startswith("A b")
+
+
+async def test_a_lead_unsure_of_its_first_token_competes_with_one_segment() -> None:
+    log: list = []
+    lead = ScriptedBackend("lead", "", 0.01, log, tokens=[("A", -3.0), ("B", -0.1), ("C", -0.1)])
+    other = ScriptedBackend("other", "X", 0.01, log, logprob=-0.1)
+    fuse = fuse_of(lead, other, max_tokens=2, segment_tokens=2, gate_tokens=3, gate_logprob=-0.5)
+    record = (await fuse.agenerate("hi")).trace.rounds[0]
+    assert (
+        record.gated is False
+        and record.gate_reason == "lead lead token 1 log-prob -3.000 < gate_logprob -0.5"
+    )
+    assert {c.member: c.text for c in record.candidates} == {"lead": "AB", "other": "X"}
+    assert sorted(draft_calls(record)) == ["lead", "other"]
 
 
 async def test_the_lead_is_the_highest_weight_unless_named() -> None:

@@ -134,7 +134,9 @@ class Mode:
             k: v for k, v in self.fusion_settings(s).items() if not (k in INERT_KNOBS and v == INERT_KNOBS[k])
         }
         if fusion.get("gate_logprob") is None:
-            fusion.pop("lead", None)  # no gate, no lead: the same answers whoever is named
+            # No gate: the same answers whoever leads and however far the lead drafts alone.
+            fusion.pop("lead", None)
+            fusion.pop("gate_tokens", None)
         name = "default" if self.resolved else self.name
         blob = json.dumps({"mode": name, "members": self.members, "fusion": fusion}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
