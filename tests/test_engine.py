@@ -61,7 +61,8 @@ def test_stream_yields_segments_that_add_up_to_the_result(pair: SpecFuse) -> Non
 
 async def test_astream_yields_before_the_answer_is_complete(pair: SpecFuse) -> None:
     rounds_seen = []
-    async for segment in pair.astream(PROMPT, max_tokens=30):
+    # A gated round yields up to gate_tokens at once: keep them fewer than max_tokens.
+    async for segment in pair.astream(PROMPT, max_tokens=30, gate_tokens=10):
         # when a segment arrives, the trace holds exactly the rounds so far
         rounds_seen.append(segment.round)
     assert rounds_seen == sorted(rounds_seen)
@@ -69,14 +70,16 @@ async def test_astream_yields_before_the_answer_is_complete(pair: SpecFuse) -> N
 
 
 def test_max_tokens_is_honoured() -> None:
-    fuse = SpecFuse(pair_config(max_tokens=12, segment_tokens=5))
+    fuse = SpecFuse(pair_config(max_tokens=12, segment_tokens=5, gate_tokens=7))
     result = fuse.generate(PROMPT)
     assert result.finish_reason == "length"
     assert result.trace.completion_tokens <= 12
     for record in result.trace.rounds:
+        # The lead drafts up to gate_tokens alone; a fused round's segments are segment_tokens.
+        size = 7 if record.gated else 5
         for cand in record.candidates:
             # a segment may run up to 4 tokens past its size only to complete a character
-            assert cand.tokens <= 5 + 4
+            assert cand.tokens <= size + 4
 
 
 def test_finished_winner_ends_the_answer() -> None:
