@@ -43,6 +43,7 @@ _INTERRUPTED = 130
 
 def _fusion_overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ["max_tokens", "segment_tokens", "temperature", "top_p", "seed", "tau", "lam"]
+    names += ["gate_logprob", "gate_tokens"]
     overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.stop:
         overrides["stop"] = args.stop
@@ -50,6 +51,8 @@ def _fusion_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["model_exit"] = False
     if args.self_verify:
         overrides["self_verify"] = True
+    if args.no_gate:
+        overrides["gate_logprob"] = None  # read by EnsembleConfig.build; _build unsets it for files
     return overrides
 
 
@@ -58,6 +61,8 @@ def _build(args: argparse.Namespace) -> SpecFuse:
     if args.config:
         config = EnsembleConfig.from_file(args.config)
         fusion = config.fusion.with_overrides(**overrides)
+        if args.no_gate:  # with_overrides skips None values, so unset the gate here
+            fusion = fusion.model_copy(update={"gate_logprob": None})
         return SpecFuse(config.model_copy(update={"fusion": fusion}))
     models = args.member or list(DEFAULT_LOCAL_MODELS)
     members = [MemberConfig(model=m) for m in models]
@@ -181,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lam", type=float, help="SpecEM learning rate; 0 disables online weights")
     gen.add_argument("--stop", action="append", help="a stop sequence (repeat)")
     gen.add_argument("--no-exit", action="store_true", help="disable model exit")
+    gen.add_argument(
+        "--gate-logprob",
+        dest="gate_logprob",
+        type=float,
+        help="gated fusion: a lead's token below this log-prob starts a fused round",
+    )
+    gen.add_argument(
+        "--gate-tokens", dest="gate_tokens", type=int, help="tokens the lead drafts alone before the others"
+    )
+    gen.add_argument("--no-gate", action="store_true", help="fuse every round (the paper's loop)")
     gen.add_argument(
         "--self-verify", action="store_true", help="a verifier's vote on its own draft counts (paper's rule)"
     )

@@ -34,7 +34,8 @@ def test_generate_streams_answer_and_prints_summary() -> None:
 
 
 def test_generate_json_has_text_and_full_trace() -> None:
-    proc = run_cli("generate", "Name a colour.", *MEMBERS, *COMMON, "--json")
+    # Every round fused, so the first one has both members' probabilities.
+    proc = run_cli("generate", "Name a colour.", *MEMBERS, *COMMON, "--json", "--no-gate")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["text"].strip()
@@ -45,6 +46,17 @@ def test_generate_json_has_text_and_full_trace() -> None:
     assert data["usage"]["output_tokens"] == trace["summary"]["completion_tokens"]
     first = trace["rounds"][0]
     assert set(first["probabilities"]) == {"smollm2-135m", "gemma3-270m"}
+
+
+def test_generate_gate_flags_reach_the_engine() -> None:
+    # A gate no token falls below: the lead writes alone, gate_tokens at a time.
+    gate = ["--gate-logprob", "-100", "--gate-tokens", "5"]
+    proc = run_cli("generate", "Name a colour.", *MEMBERS, *COMMON, "--json", *gate)
+    assert proc.returncode == 0, proc.stderr
+    rounds = json.loads(proc.stdout)["trace"]["rounds"]
+    assert rounds and all(r["gated"] for r in rounds)
+    assert all([c["member"] for c in r["candidates"]] == ["smollm2-135m"] for r in rounds)
+    assert all(r["candidates"][0]["tokens"] <= 5 + 4 for r in rounds)  # +4: a split character
 
 
 def test_generate_trace_writes_a_self_contained_html_view(tmp_path: Path) -> None:
