@@ -67,12 +67,14 @@ def proxies(upstream: ServerProcess, request: pytest.FixtureRequest) -> tuple[Fa
 
 
 def make_fuse(proxies: tuple[FaultProxy, FaultProxy], timeout: float = 20.0, **fusion: Any) -> SpecFuse:
-    """Members a and b over the two proxies, greedy, with fast retries."""
+    """Members a and b over the two proxies, greedy, with fast retries, every round fused
+    (so each round calls both members and a fault on either one is met)."""
     members = [
         {"model": MODEL, "name": name, "backend": "tgi", "urls": [p.url], "timeout": timeout}
         for name, p in zip("ab", proxies, strict=True)
     ]
-    fuse = SpecFuse(EnsembleConfig.build(members, **{"temperature": 0.0, "seed": 7, **fusion}))
+    settings = {"temperature": 0.0, "seed": 7, "gate_logprob": None, **fusion}
+    fuse = SpecFuse(EnsembleConfig.build(members, **settings))
     for backend in fuse._backends.values():
         backend.retry = FAST_RETRY  # type: ignore[attr-defined]
     return fuse

@@ -31,6 +31,7 @@ import openai
 import pytest
 
 from specfuse import SpecFuse
+from tests.conftest import pair_config
 from tests.fault_proxy import FaultProxy, Rule
 from tests.gateway_fixtures import GatewayProcess, write_config
 from tests.reliability_fixtures import *  # noqa: F403  (the session fixtures upstream, proxies)
@@ -72,7 +73,10 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     config = write_config(
         folder / "pair.json",
         [{"model": "smollm2-135m"}, {"model": "gemma3-270m"}],
-        {"temperature": 0.0, "max_tokens": 24, "seed": 7},
+        # Every round fused: the tool calls and JSON answers asserted below are what this
+        # pair writes together; under the default gate smollm2 (the lead) writes most of
+        # them alone. Gating itself is tested in test_engine_orchestration.py.
+        {"temperature": 0.0, "max_tokens": 24, "seed": 7, "gate_logprob": None},
     )
     gateway = GatewayProcess(config, folder / "gateway.log", api_key=KEY).start()
     try:
@@ -85,6 +89,14 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
 @pytest.fixture(scope="module")
 def client(local: GatewayProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=local.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[SpecFuse]:
+    """The gateway's ensemble in process, with its settings (every round fused)."""
+    fuse = SpecFuse(pair_config(gate_logprob=None))
+    yield fuse
+    fuse.close()
 
 
 @pytest.fixture(scope="module")
@@ -500,7 +512,9 @@ def remote(
         }
         for name, p in zip("ab", proxies, strict=True)
     ]
-    config = write_config(folder / "remote.json", members, {"temperature": 0.0, "seed": 7, "max_tokens": 24})
+    # Every round fused, so a fault on member b is met mid-answer.
+    fusion = {"temperature": 0.0, "seed": 7, "max_tokens": 24, "gate_logprob": None}
+    config = write_config(folder / "remote.json", members, fusion)
     # The first probe of member a hangs: /health must say "starting" until every member answered.
     _set_rules(proxies)
     proxies[0].set_rules(Rule("hang", paths=("/info",), times=1))

@@ -50,7 +50,9 @@ def gateway(real_vllm: VLLMServer, tmp_path_factory: pytest.TempPathFactory) -> 
             "api_key": KEYS[1],
         },
     ]
-    config = write_config(folder / "vllm.json", members, {"temperature": 0.0, "seed": 7, "max_tokens": 24})
+    config = write_config(
+        folder / "vllm.json", members, {"temperature": 0.0, "seed": 7, "max_tokens": 24, "gate_logprob": None}
+    )
     process = GatewayProcess(
         config, folder / "gateway.log", api_key=KEY, args=("--model-name", MODEL)
     ).start()

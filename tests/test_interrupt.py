@@ -145,7 +145,7 @@ def test_ctrl_c_in_a_python_loop_over_stream_raises_keyboard_interrupt_and_frees
         from specfuse import SpecFuse
         from tests.conftest import pair_config
 
-        fuse = SpecFuse(pair_config(max_tokens=300, segment_tokens=2))
+        fuse = SpecFuse(pair_config(max_tokens=300, segment_tokens=2, gate_tokens=2))
         fuse.start()
         try:
             for segment in fuse.stream("Count from one to one hundred in words."):
@@ -178,7 +178,7 @@ def test_ctrl_c_mid_stream_in_the_cli_exits_130_without_a_traceback() -> None:
             "generate",
             "Count from one to one hundred in words.",
             *("-m", "smollm2-135m", "-m", "gemma3-270m"),
-            *("--max-tokens", "300", "--segment-tokens", "2", "--temperature", "0"),
+            *("--max-tokens", "300", "--segment-tokens", "2", "--gate-tokens", "2", "--temperature", "0"),
         ]
     )
     child.wait_for(lambda: "members:" in child.stderr and len(child.stdout.strip()) >= 8)

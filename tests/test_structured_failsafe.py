@@ -47,7 +47,8 @@ def test_the_forced_call_example_spells_out_nested_objects() -> None:
 def test_llama_index_fills_a_nested_model() -> None:
     from llama_index_specfuse import SpecFuseLLM
 
-    llm = SpecFuseLLM.local(("smollm2-135m", "qwen2.5-coder-0.5b"), temperature=0.0, max_tokens=64, seed=7)
+    # The stronger member first: it leads gated fusion (the default).
+    llm = SpecFuseLLM.local(("qwen2.5-coder-0.5b", "smollm2-135m"), temperature=0.0, max_tokens=64, seed=7)
     person = llm.as_structured_llm(Person).complete(TEXT).raw
     assert isinstance(person, Person) and isinstance(person.address, Address)
     assert person.address.country == "Portugal" and "Lisb" in person.address.city

@@ -153,10 +153,12 @@ def test_remote_example_runs_in_the_lean_install(
     answer = next(line for line in out.splitlines() if line.startswith("answer:"))
     assert answer.removeprefix("answer:").strip(), out
     if extra == "langchain":
-        # Every member was called (the vLLM one with its key: without it vLLM answers 401).
+        # Every member is in the ensemble, and the vLLM one, the lead, was called with its
+        # key (without it vLLM answers 401). Under the default gate the lead may write a
+        # 16-token answer alone, so the others need not have been called.
         calls = {line.split(":")[0]: line for line in out.splitlines() if "rounds won" in line}
         assert set(calls) == {HUB_NAME, "smollm2-135m", "gemma3-270m"}, out
-        assert all(" 0 calls" not in line for line in calls.values()), out
+        assert " 0 calls" not in calls[HUB_NAME], out
 
 
 def _keyed_member(url: str) -> MemberConfig:
