@@ -288,10 +288,16 @@ def test_cached_positions_are_taken_from_the_answer_that_computed_them(vllm_scal
         got = (await tokens.score(context, [draft.text]))[0]
         want = (await echo.score(context, [draft.text]))[0]
         assert got.usage is not None
-        if got.usage.unmetered_tokens == 0:  # (else vLLM lost tries: NaN at a cached position)
+        full = await tokens._token_ids(context + draft.text)
+        if got.usage.unmetered_tokens == 0:
             assert got.usage.cached_tokens is not None and got.usage.cached_tokens >= 3 * block
             assert got.usage.requests == 1
-        assert got.usage.path == "tokens"
+        if got.usage.unmetered_tokens < _UNENCODABLE_TRIES * len(full):
+            assert got.usage.path == "tokens"
+        else:
+            # vLLM could not encode its answer on any try (a NaN at a cached position,
+            # full suite of 2026-12-05): the candidate went through echo, never a guess.
+            assert got.usage.path == "echo+tokens"
         assert_close(got, want)
         # The draft's sampled-token log-probs are the server's raw ones, as the prompt's are.
         assert tokens._known.drafts_trusted
