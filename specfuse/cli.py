@@ -52,7 +52,7 @@ def _fusion_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.self_verify:
         overrides["self_verify"] = True
     if args.no_gate:
-        overrides["gate_logprob"] = None  # read by EnsembleConfig.build; _build unsets it for files
+        overrides["gate_logprob"] = None  # None is a value here: fuse every round
     return overrides
 
 
@@ -61,8 +61,6 @@ def _build(args: argparse.Namespace) -> SpecFuse:
     if args.config:
         config = EnsembleConfig.from_file(args.config)
         fusion = config.fusion.with_overrides(**overrides)
-        if args.no_gate:  # with_overrides skips None values, so unset the gate here
-            fusion = fusion.model_copy(update={"gate_logprob": None})
         return SpecFuse(config.model_copy(update={"fusion": fusion}))
     models = args.member or list(DEFAULT_LOCAL_MODELS)
     members = [MemberConfig(model=m) for m in models]

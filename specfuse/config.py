@@ -140,14 +140,18 @@ class FusionSettings(BaseModel):
         return value
 
     def with_overrides(self, **overrides: Any) -> FusionSettings:
-        """A validated copy with some fields replaced (None values are ignored)."""
+        """A validated copy with the given fields replaced.
+
+        None is a value, not "unset": ``gate_logprob=None`` fuses every round and
+        ``seed=None`` samples at random, so leave a field out to keep it.
+        """
         unknown = set(overrides) - set(type(self).model_fields)
         if unknown:
             raise ConfigError(
                 f"unknown fusion setting(s) {sorted(unknown)}; known: {sorted(type(self).model_fields)}"
             )
         data = self.model_dump()
-        data.update({k: v for k, v in overrides.items() if v is not None})
+        data.update(overrides)
         return _validated(FusionSettings, data)
 
 
@@ -159,20 +163,23 @@ SETTING_ALIASES = {"timeout": "request_deadline"}
 ADAPTER_FIELD_SETTINGS = ("temperature", "max_tokens", "top_p", "seed", "segment_tokens", "stop", "timeout")
 
 
-def request_overrides(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
+def request_overrides(fusion: Mapping[str, Any] | None, *layers: Mapping[str, Any] | None) -> dict[str, Any]:
     """The fusion overrides of one request, from layers of settings, later ones winning.
 
-    How the framework adapters turn their fields, their ``fusion`` dict and a
-    call's keywords into engine overrides, so both follow one rule: None means
-    "not set", ``timeout`` sets ``request_deadline``, stop sequences of every
-    layer are kept (in order, once each), and a name that is no setting is a
-    ConfigError that lists the valid ones.
+    How the framework adapters turn their ``fusion`` dict, their fields and a
+    call's keywords into engine overrides, so both follow one rule. In ``fusion``
+    (settings named on purpose) None is a value: ``{"gate_logprob": None}`` fuses
+    every round. In the later layers (model fields and call keywords, which the
+    frameworks fill with None when not given) None means "not set". ``timeout``
+    sets ``request_deadline``, stop sequences of every layer are kept (in order,
+    once each), and a name that is no setting is a ConfigError that lists the
+    valid ones.
     """
     out: dict[str, Any] = {}
     stops: list[str] = []
-    for layer in layers:
+    for depth, layer in enumerate((fusion, *layers)):
         for name, value in (layer or {}).items():
-            if value is None:
+            if value is None and (depth > 0 or name == "stop"):
                 continue
             field = SETTING_ALIASES.get(name, name)
             if field not in FusionSettings.model_fields:

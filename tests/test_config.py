@@ -116,3 +116,32 @@ def test_config_file_toml_and_json(tmp_path) -> None:
     bad.write_text("[[members]]\nmodel = \n")
     with pytest.raises(ConfigError, match="cannot parse"):
         EnsembleConfig.from_file(bad)
+
+
+def test_none_is_a_value_when_named_on_purpose() -> None:
+    """`gate_logprob=None` means "fuse every round": an override or a `fusion` dict that
+    names it must not keep the gate on, while frameworks' unset fields (None) change nothing."""
+    from specfuse.config import request_overrides
+
+    gated = FusionSettings(seed=5)
+    assert gated.gate_logprob is not None
+    assert gated.with_overrides(gate_logprob=None).gate_logprob is None
+    assert gated.with_overrides(seed=None).seed is None
+    assert gated.with_overrides().seed == 5  # a field left out is kept
+    with pytest.raises(ConfigError, match="temperature"):
+        gated.with_overrides(temperature=None)  # a None the field cannot hold is refused
+    # In the `fusion` layer None is kept; in fields and call keywords it means "not set".
+    assert request_overrides({"gate_logprob": None}, {"seed": None}, {"stop": None}) == {"gate_logprob": None}
+    assert request_overrides(None, {"gate_logprob": None, "seed": None}) == {}
+    assert request_overrides({"seed": None}, {"seed": 3}) == {"seed": 3}  # a later value wins
+    assert request_overrides({"timeout": None}) == {"request_deadline": None}
+    # The gateway's `specfuse_fusion` extension is such a layer; OpenAI's unset fields are not.
+    from specfuse.gateway.schemas import ChatCompletionRequest
+    from specfuse.gateway.translate import chat_call
+
+    messages = [{"role": "user", "content": "hi"}]
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": messages, "specfuse_fusion": {"gate_logprob": None}}
+    )
+    overrides = chat_call(request).overrides
+    assert overrides["gate_logprob"] is None and "seed" not in overrides and "temperature" not in overrides

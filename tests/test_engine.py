@@ -48,6 +48,13 @@ def test_generate_gives_a_non_empty_answer_that_the_trace_explains(pair: SpecFus
         assert set(first.probabilities) == {"smollm2-135m", "gemma3-270m"}
 
 
+def test_a_request_can_turn_the_gate_off(pair: SpecFuse) -> None:
+    result = pair.generate(PROMPT, gate_logprob=None, max_tokens=12)
+    assert result.trace.rounds and all(r.gated is None for r in result.trace.rounds)
+    first = result.trace.rounds[0]
+    assert {c.member for c in first.candidates} == {"smollm2-135m", "gemma3-270m"}
+
+
 def test_stream_yields_segments_that_add_up_to_the_result(pair: SpecFuse) -> None:
     segments = list(pair.stream(PROMPT))
     result = segments[-1].result

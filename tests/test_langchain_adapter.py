@@ -144,6 +144,11 @@ def test_config_file_and_fusion_settings(tmp_path: Any) -> None:
     }
     with pytest.raises(ValueError, match="unknown fusion setting"):
         ChatSpecFuse(fusion={"taus": 1})
+    # None in `fusion` is a value: no gate, every round fused (docs: `None` is the paper's loop).
+    ungated = ChatSpecFuse.local(PAIR, fusion={"gate_logprob": None})
+    assert ungated._overrides(None, {}) == {"gate_logprob": None}
+    with pytest.raises(ValueError, match="temperature"):
+        ChatSpecFuse(fusion={"temperature": None})
 
 
 def test_ls_params() -> None:
