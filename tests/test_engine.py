@@ -151,6 +151,7 @@ def test_exits_are_recorded_and_honoured() -> None:
         exit_rule="softmax",
         exit_temperature=0.02,  # sharp: any quality gap sends the weaker members out
         min_active=1,
+        gate_logprob=None,  # exits are judged on fused rounds: fuse every one
     )
     result = SpecFuse(config).generate(PROMPT)
     rounds = result.trace.rounds

@@ -195,7 +195,7 @@ def test_solo_and_whole_cache_keys_stay_those_of_the_tracked_cache() -> None:
     assert modes["fuse"].fusion_settings(s)["gate_logprob"] is None  # every round fused
     # A knob added at its inert value (no_repeat_words=0) keeps the 150 cached default
     # and fuse answers; change these names only with a default that changes answers.
-    assert modes["default"].cache_id(s) == "default-784f8fb42b"
+    assert modes["default"].cache_id(s) == "default-c6bd46c1d3"
     assert modes["fuse"].cache_id(s) == "fuse-bab1915138"
     for name in ("default", "fuse"):
         assert (bench.DEFAULT_CACHE / f"{modes[name].cache_id(s)}.jsonl").exists()
@@ -203,11 +203,11 @@ def test_solo_and_whole_cache_keys_stay_those_of_the_tracked_cache() -> None:
 
 def test_two_spellings_of_one_configuration_share_their_answers(tmp_path: Path) -> None:
     """The cache key hashes the resolved settings, not how the mode was written: the
-    gated run cached as `default+gate_logprob=-2.5+lead=...` is the default's answers
-    once the library's default gate is -2.5, and the ungated default stays reachable."""
+    gated run cached as `default+gate_logprob=-4+lead=...` is the default's answers
+    once the library's default gate is -4, and the ungated default stays reachable."""
     s = bench.BenchSettings()
     members = bench.DEFAULT_MEMBERS
-    spelled_name = f"default+gate_logprob=-2.5+lead={bench.DEFAULT_LEAD}"
+    spelled_name = f"default+gate_logprob=-4+lead={bench.DEFAULT_LEAD}"
     names = ["default", spelled_name, "default+gate_logprob=null", "fuse"]
     modes = {m.name: m for m in bench.expand_modes(names, members)}
     default, spelled, ungated, fuse = (modes[n] for n in names)
