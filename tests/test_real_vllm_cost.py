@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from specfuse import EnsembleConfig, MemberConfig, SpecFuse
-from specfuse.backends.base import CandidateScore, Sampling
+from specfuse.backends.base import CandidateScore, Sampling, ServerUsage
 from specfuse.backends.vllm import VLLMBackend
 from specfuse.backends.vllm_tokens import _UNENCODABLE_TRIES, TOKENS_ROUTE
 from specfuse.errors import RemoteError
@@ -142,6 +142,12 @@ def assert_close(got: CandidateScore, want: CandidateScore) -> None:
     assert abs(got.mean - want.mean) <= MEAN
 
 
+def _lost_every_try(usage: ServerUsage, full: list[int]) -> bool:
+    """vLLM could not encode its token-in answer on any try (a NaN at a cached
+    position): every try went unmetered, and the candidate was scored through echo."""
+    return usage.unmetered_tokens >= _UNENCODABLE_TRIES * len(full)
+
+
 CANDIDATES = [
     " The town grew quickly",
     " Nothing much happened, really.",
@@ -232,7 +238,7 @@ def test_a_cached_position_is_never_read_as_a_log_prob(vllm_scale_out: Server) -
         assert first.usage is not None and again.usage is not None
         assert first.usage.path == "tokens"
         full = await tokens._token_ids(context + candidate)
-        if again.usage.unmetered_tokens < _UNENCODABLE_TRIES * len(full):
+        if not _lost_every_try(again.usage, full):
             # The second request found the block that reaches into the candidate...
             assert again.usage.cached_tokens is not None and again.usage.cached_tokens >= 3 * block
         # (else vLLM could not encode its answer on any try: NaN at the cached positions,
@@ -292,7 +298,7 @@ def test_cached_positions_are_taken_from_the_answer_that_computed_them(vllm_scal
         if got.usage.unmetered_tokens == 0:
             assert got.usage.cached_tokens is not None and got.usage.cached_tokens >= 3 * block
             assert got.usage.requests == 1
-        if got.usage.unmetered_tokens < _UNENCODABLE_TRIES * len(full):
+        if not _lost_every_try(got.usage, full):
             assert got.usage.path == "tokens"
         else:
             # vLLM could not encode its answer on any try (a NaN at a cached position,
