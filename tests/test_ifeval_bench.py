@@ -227,6 +227,43 @@ def test_two_spellings_of_one_configuration_share_their_answers(tmp_path: Path) 
     assert fuse.cache_digest(s) not in {default.cache_digest(s), ungated.cache_digest(s)}
 
 
+def test_self_fusion_fuses_the_lead_with_copies_of_itself(tmp_path: Path) -> None:
+    """`self` is one model sampled several times and fused (Self-MoA's baseline): the
+    lead's copies, each drafting with its own seed, every round fused, in a cache file
+    of its own per number of copies."""
+    from dataclasses import replace
+
+    s = bench.BenchSettings(lead="smollm2-135m", max_tokens=6, segment_tokens=3)
+    (mode,) = bench.expand_modes(["self"], PAIR, s)
+    assert mode.name == "self:smollm2-135mx2" and mode.members == ("smollm2-135m",)
+    assert [m["name"] for m in mode.ensemble_members()] == ["smollm2-135m#1", "smollm2-135m#2"]
+    assert mode.fusion_settings(s)["gate_logprob"] is None
+    (three,) = bench.expand_modes(["self"], PAIR, replace(s, self_copies=3))
+    (other,) = bench.expand_modes(["self"], PAIR, replace(s, lead="gemma3-270m"))
+    solo = bench.expand_modes(["solo"], PAIR, s)[0]
+    digests = {m.cache_digest(s) for m in (mode, solo)} | {three.cache_digest(replace(s, self_copies=3))}
+    assert len(digests) == 3 and other.members == ("gemma3-270m",)
+    with pytest.raises(SystemExit, match="self-copies of 2 or more"):
+        bench.expand_modes(["self"], PAIR, replace(s, self_copies=1))
+
+    outcome = bench.run_benchmark(
+        limit=1,
+        members=PAIR,
+        modes=["self"],
+        settings=s,
+        out_dir=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+    )
+    assert outcome.stats.computed == 1 and outcome.stats.errors == 0
+    (path,) = (tmp_path / "cache").glob("self_smollm2-135mx2-*.jsonl")
+    row = json.loads(path.read_text(encoding="utf-8"))
+    first = row["round_log"][0]
+    # Both copies drafted and both verified: two members, not one model called twice under one name.
+    assert set(first["candidates"]) == set(first["s"]) == {"smollm2-135m#1", "smollm2-135m#2"}
+    assert row["summary"]["calls"] >= 4
+
+
 def test_an_ablation_is_the_default_with_only_its_knobs_changed() -> None:
     """`default+knob=value` modes measure one change on its own: same settings as
     `default` but the named knobs, their own cache file, and typos refused before

@@ -22,6 +22,9 @@ ENSEMBLE_MODES: tuple[str, ...] = ("fuse", "specem", "exit", "specem+exit", "def
 #: The paper's verification, so fuse/specem/exit modes each isolate one mechanism;
 #: `default` runs whatever the library's defaults are.
 PAPER_VERIFICATION: dict[str, Any] = {"self_verify": True, "pool_identical": False}
+#: Self-fusion: the lead fused with copies of itself, each drafting with its own seed
+#: (Self-MoA, arXiv 2502.00674: one model sampled several times can beat a mix).
+SELF_MODE = "self"
 ALL_MODES: tuple[str, ...] = ("solo", "whole", *ENSEMBLE_MODES)
 #: The run of words the reports and replays call a repetition (`no_repeat_words` of the ablation).
 REPEAT_WORDS = 6
@@ -45,6 +48,8 @@ class BenchSettings:
     lam: float = 1.0
     # The gated modes' lead when it is a member (else the library's rule).
     lead: str | None = DEFAULT_LEAD
+    # Copies of the lead in self-fusion (mode `self`).
+    self_copies: int = 2
     # Model-exit knobs of the exit modes; None = the library's default.
     exit_rule: str | None = None
     exit_warmup: int | None = None
@@ -84,6 +89,16 @@ class Mode:
     members: tuple[str, ...]
     #: FusionSettings fields the mode changes from the library's defaults (ablations).
     overrides: tuple[tuple[str, Any], ...] = ()
+    #: Self-fusion: the one member fused with this many copies of itself.
+    copies: int = 1
+
+    def ensemble_members(self) -> list[Any]:
+        """The members as EnsembleConfig.build takes them (self-fusion: named copies,
+        whose distinct places in the ensemble give each its own sampling seed)."""
+        if self.copies == 1:
+            return list(self.members)
+        (member,) = self.members
+        return [{"model": member, "name": f"{member}#{i + 1}"} for i in range(self.copies)]
 
     def fusion_settings(self, s: BenchSettings) -> dict[str, Any]:
         """The FusionSettings this mode runs with (whole reuses the solo runs' settings)."""
@@ -97,6 +112,12 @@ class Mode:
                 "model_exit": False,
                 "gate_logprob": None,
             }
+        if self.copies > 1:
+            # As `specfuse select` runs self-fusion: the library's verification, every round fused.
+            from specfuse.config import FusionSettings
+
+            knobs = {**common, "segment_tokens": s.segment_tokens, "gate_logprob": None}
+            return FusionSettings(**knobs).model_dump(mode="json")
         if self.resolved:
             # Every knob resolved, so a change of any library default is a new cache key.
             from specfuse.config import FusionSettings
@@ -121,7 +142,7 @@ class Mode:
     @property
     def resolved(self) -> bool:
         """The default or an ablation of it: every knob comes from FusionSettings."""
-        return self.kind == "fusion" and (self.name == "default" or bool(self.overrides))
+        return self.kind == "fusion" and self.copies == 1 and (self.name == "default" or bool(self.overrides))
 
     def cache_digest(self, s: BenchSettings) -> str:
         """A hash of everything that changes this mode's answers, and nothing else.
@@ -174,10 +195,12 @@ def parse_ablation(name: str) -> tuple[tuple[str, Any], ...]:
     return tuple(overrides)
 
 
-def expand_modes(names: Sequence[str], members: Sequence[str]) -> list[Mode]:
+def expand_modes(
+    names: Sequence[str], members: Sequence[str], settings: BenchSettings | None = None
+) -> list[Mode]:
     """Mode names -> modes, in the order a prompt runs them (solo answers before `whole`)."""
     ablations = [n for n in names if n.startswith(ABLATION_PREFIX)]
-    unknown = set(names) - set(ALL_MODES) - set(ablations)
+    unknown = set(names) - {*ALL_MODES, SELF_MODE} - set(ablations)
     if unknown:
         raise SystemExit(f"unknown mode(s) {sorted(unknown)}; choose from {list(ALL_MODES)}")
     members = tuple(members)
@@ -194,4 +217,11 @@ def expand_modes(names: Sequence[str], members: Sequence[str]) -> list[Mode]:
             raise SystemExit(f"mode {name!r} needs at least two members")
         overrides = parse_ablation(name) if name in ablations else ()
         modes.append(Mode(name, "fusion", members, overrides))
+    if SELF_MODE in names:
+        s = settings or BenchSettings()
+        if s.self_copies < 2:
+            raise SystemExit(f"self-fusion needs --self-copies of 2 or more, not {s.self_copies}")
+        # The lead's copies: the best member alone is the one worth sampling several times.
+        lead = s.lead if s.lead in members else members[0]
+        modes.append(Mode(f"self:{lead}x{s.self_copies}", "fusion", (lead,), copies=s.self_copies))
     return modes

@@ -18,6 +18,9 @@ Modes (``--modes``; default all):
 * ``specem+exit``  both;
 * ``default``      whatever ``FusionSettings()`` defaults to (the library as shipped:
                    gated fusion), led by ``--lead`` (the best member alone on the knob split);
+* ``self``         self-fusion: the lead (``--lead``, else the first member) fused with
+                   ``--self-copies`` copies of itself, each drafting with its own seed,
+                   every round fused with the library's verification (as ``specfuse select``);
 * ``default+knob=value``  an ablation: the default with knobs changed
                    (``default+gate_logprob=null`` is the ungated loop).
 
@@ -137,7 +140,7 @@ def run_benchmark(
     setup_environment()
     settings = settings or BenchSettings()
     prompts = load_prompts(data, limit, start)
-    selected = expand_modes(modes, members)
+    selected = expand_modes(modes, members, settings)
     cache = Cache(cache_dir, settings)
     bench = Bench(members, selected, settings, cache)
     stats = bench.stats
@@ -211,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--modes",
         nargs="+",
         default=list(ALL_MODES),
-        help=f"subset of {list(ALL_MODES)}, or an ablation of the default: default+knob=value[+knob=value]",
+        help=f"subset of {[*ALL_MODES, 'self']}, or an ablation: default+knob=value[+knob=value]",
     )
     parser.add_argument("--max-tokens", type=int, default=BenchSettings.max_tokens)
     parser.add_argument("--segment-tokens", type=int, default=BenchSettings.segment_tokens)
@@ -223,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--lead",
         default=DEFAULT_LEAD,
         help="the gated modes' lead when a member (chosen on the knob split); 'auto': the library's rule",
+    )
+    parser.add_argument(
+        "--self-copies", type=int, default=BenchSettings.self_copies, help="copies of the lead in `self`"
     )
     exit_help = "exit modes only; default: the library's"
     parser.add_argument("--exit-rule", choices=["evidence", "softmax"], default=None, help=exit_help)

@@ -41,7 +41,8 @@ class Bench:
         from specfuse import EnsembleConfig, SpecFuse
 
         if mode.name not in self._engines:
-            fuse = SpecFuse(EnsembleConfig.build(list(mode.members), **mode.fusion_settings(self.settings)))
+            config = EnsembleConfig.build(mode.ensemble_members(), **mode.fusion_settings(self.settings))
+            fuse = SpecFuse(config)
             fuse.start()
             if not set(mode.members) <= self._warm:
                 # Warm-up: a model's first forward passes in a process are slow;
