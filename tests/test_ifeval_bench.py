@@ -470,3 +470,34 @@ def test_report_pairs_each_ablation_with_the_default_and_counts_loops() -> None:
     for leak in ("Yes.\nUser: no", "ok<|im_end|>", "a<end_of_turn>", "x\nAssistant: y"):
         assert TURN_MARKER.search(leak), leak
     assert not TURN_MARKER.search("User: is a word at the start; the user said hi")
+
+
+def test_subset_table_names_every_configuration_and_the_commands_that_fill_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`python -m benchmarks.ifeval.subsets` reads the tracked cache: each member alone,
+    every subset fused and gated, self-fusion; the best member alone is the reference."""
+    from benchmarks.ifeval import subsets
+
+    configs = subsets.configurations(bench.DEFAULT_MEMBERS, bench.BenchSettings())
+    kinds = [c.mode_name for c in configs]
+    assert kinds.count("solo") == 3 and kinds.count("fuse") == kinds.count("default") == 4
+    assert kinds.count("self") == 1
+    assert len({c.mode.cache_digest(bench.BenchSettings()) for c in configs}) == len(configs)
+    assert subsets.main([]) == 0
+    out = capsys.readouterr().out
+    assert "| qwen alone | 11/50 | – |" in out and "| qwen alone | 22/100 | – |" in out
+    assert "Chosen on this split: **" in out
+    # The cached plain-fusion answers predate one scoring call per verifier: today's count is shown.
+    assert "| fused every round: smollm2 + qwen + gemma | 11/50 |" in out
+    assert "44.5 (recorded 66.8)" in out
+
+
+def test_engine_calls_recounts_ungated_answers_from_their_round_logs() -> None:
+    from benchmarks.ifeval.subsets import engine_calls
+
+    rounds = [{"candidates": {"a": [], "b": [], "c": []}, "s": {"a": {}, "b": {}, "c": {}}}] * 2
+    assert engine_calls({"summary": {"calls": 20}, "round_log": rounds}) == 12
+    gated = [{**rounds[0], "gated": False}, {"candidates": {"a": []}, "s": {}, "gated": True}]
+    assert engine_calls({"summary": {"calls": 5}, "round_log": gated}) == 5
+    assert engine_calls({"summary": {"calls": 1}}) == 1
