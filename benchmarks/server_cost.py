@@ -30,6 +30,10 @@ the cache (a draft on the same server fills a block once (C mod B) + s >= B)
 takes those positions' log-probs from that request's answer
 (`specfuse/backends/known_logprobs.py`); path "tokens-no-reuse" scores such
 a candidate by echo instead, as before, for a comparison in one run.
+`--modes fused default` runs each answer both ways: "fused" calls every member
+every round (the paper's loop: what verification costs at most) and "default"
+is the library as shipped, gated (the first member drafts alone, and a full
+round runs only from the first token it is unsure of).
 `--block-size` sets the servers' cache block (the CPU build takes multiples
 of 32; GPU builds default to 16) and `--separate` gives each member its own
 server, where only a verifier's own requests share its cache.
@@ -157,7 +161,13 @@ def messages(docs: str, nonce: int) -> list[dict[str, str]]:
 
 
 def fused(
-    model: str, members: int, path: str, msgs: list[dict[str, str]], max_tokens: int, seed: int
+    model: str,
+    members: int,
+    path: str,
+    msgs: list[dict[str, str]],
+    max_tokens: int,
+    seed: int,
+    mode: str = "fused",
 ) -> tuple[Any, Cost]:
     config = EnsembleConfig.build(
         [
@@ -174,9 +184,9 @@ def fused(
         temperature=0.8,
         max_tokens=max_tokens,
         model_exit=False,
-        # Every round fused: this measures what verification costs the servers, which
-        # gating (the default) would skip in the rounds the lead is sure of.
-        gate_logprob=None,
+        # "fused": every round, what verification costs the servers at most; "default":
+        # the library's gate, which skips verification in the rounds the lead is sure of.
+        **({"gate_logprob": None} if mode == "fused" else {}),
     )
     fuse = SpecFuse(config)
     for m in fuse.start():  # probes happen here, outside the measured block
@@ -252,6 +262,13 @@ def main() -> None:
         choices=["echo", "tokens", "tokens-no-reuse"],
         help="tokens-no-reuse: the token path scoring cached candidate positions by echo (before 2026-12-04)",
     )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["fused"],
+        choices=["fused", "default"],
+        help="fused: every round fused (exit off); default: the library's gated fusion (exit off)",
+    )
     parser.add_argument("--max-tokens", type=int, default=20, help="answer length (2 rounds of 10)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument(
@@ -288,10 +305,10 @@ def main() -> None:
         for ctx in args.contexts:
             docs = documents(ctx, tokenize)
             for n in args.members:
-                for path in args.paths:
+                for path, mode in [(p, m) for p in args.paths for m in args.modes]:
                     nonce += 1
                     msgs = messages(docs, nonce)
-                    result, cost = fused(model, n, path, msgs, args.max_tokens, seed=nonce)
+                    result, cost = fused(model, n, path, msgs, args.max_tokens, seed=nonce, mode=mode)
                     answer = result.trace.completion_tokens
                     nonce += 1
                     alone = solo(model, messages(docs, nonce), answer)
@@ -301,6 +318,9 @@ def main() -> None:
                         "context_tokens": len(tokenize(docs)),
                         "members": n,
                         "path": path,
+                        "mode": mode,
+                        # Rounds the lead's segment was accepted without a full round.
+                        "gated_rounds": sum(bool(r.gated) for r in result.trace.rounds),
                         "block": block,
                         "servers": len(URLS),
                         "echo_fallbacks": sum(
@@ -330,11 +350,12 @@ def main() -> None:
         "context",
         "N",
         "path",
+        "mode",
         "block",
         "servers",
         "echo fallbacks",
         "answer tok",
-        "rounds",
+        "rounds (gated)",
         "prompt computed",
         "prompt cached",
         "generated",
@@ -351,11 +372,12 @@ def main() -> None:
             str(r["context_tokens"]),
             str(r["members"]),
             r["path"],
+            r["mode"],
             str(r["block"]),
             str(r["servers"]),
             str(r["echo_fallbacks"]),
             str(r["answer_tokens"]),
-            str(r["rounds"]),
+            f"{r['rounds']} ({r['gated_rounds']})",
             f"{r['fused_prompt_computed']:.0f}",
             f"{r['fused_prompt_cached']:.0f}",
             f"{r['fused_generated']:.0f}",
