@@ -99,14 +99,19 @@ def configurations(
             out.append(Configuration(f"gated:{label}", "gated", _ensemble(subset, gated)))
     if self_copies >= 2:
         for m in drafters:
-            both = frozenset({"draft", "verify"})
-            copies = [
-                m.model_copy(update={"name": f"{m.display_name}#{i + 1}", "roles": both})
-                for i in range(self_copies)
-            ]
             name = f"self:{m.display_name}x{self_copies}"
-            out.append(Configuration(name, "self", _ensemble(copies, plain)))
+            out.append(Configuration(name, "self", _ensemble(self_fusion(m, self_copies), plain)))
     return out
+
+
+def self_fusion(member: MemberConfig, copies: int) -> list[MemberConfig]:
+    """`copies` of one member, each drafting and verifying under its own name: a
+    member's place in the ensemble seeds its drafts, so the copies sample apart."""
+    both = frozenset({"draft", "verify"})
+    return [
+        member.model_copy(update={"name": f"{member.display_name}#{i + 1}", "roles": both})
+        for i in range(copies)
+    ]
 
 
 def _ensemble(members: Sequence[MemberConfig], fusion: FusionSettings) -> EnsembleConfig:
@@ -283,6 +288,13 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
+def ranking(passed: int, wins: int, losses: int, calls: float) -> tuple[int, int, float]:
+    """The order configurations are chosen in: most answers passed, then most paired wins
+    net of losses against the best member alone, then fewest calls. The top one is
+    deployed over that member only if it wins more prompts than it loses."""
+    return (passed, wins - losses, -calls)
+
+
 @dataclass(frozen=True)
 class Row:
     name: str
@@ -338,7 +350,7 @@ def verdict(
                 statistics.fmean(a.prompt_tokens_computed for a in mine),
             )
         )
-    best = max(rows, key=lambda r: (r.passed, r.wins - r.losses, -r.calls))
+    best = max(rows, key=lambda r: ranking(r.passed, r.wins, r.losses, r.calls))
     solo_row = next(r for r in rows if r.name == best_solo.name)
     if best.kind == "solo" or best.wins <= best.losses:
         advice = (

@@ -236,7 +236,7 @@ def test_self_fusion_fuses_the_lead_with_copies_of_itself(tmp_path: Path) -> Non
     s = bench.BenchSettings(lead="smollm2-135m", max_tokens=6, segment_tokens=3)
     (mode,) = bench.expand_modes(["self"], PAIR, s)
     assert mode.name == "self:smollm2-135mx2" and mode.members == ("smollm2-135m",)
-    assert [m["name"] for m in mode.ensemble_members()] == ["smollm2-135m#1", "smollm2-135m#2"]
+    assert [m.name for m in mode.ensemble_members()] == ["smollm2-135m#1", "smollm2-135m#2"]
     assert mode.fusion_settings(s)["gate_logprob"] is None
     (three,) = bench.expand_modes(["self"], PAIR, replace(s, self_copies=3))
     (other,) = bench.expand_modes(["self"], PAIR, replace(s, lead="gemma3-270m"))

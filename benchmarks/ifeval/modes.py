@@ -93,12 +93,15 @@ class Mode:
     copies: int = 1
 
     def ensemble_members(self) -> list[Any]:
-        """The members as EnsembleConfig.build takes them (self-fusion: named copies,
-        whose distinct places in the ensemble give each its own sampling seed)."""
+        """The members as EnsembleConfig.build takes them (self-fusion: the copies
+        `specfuse select` makes, each sampling with its own seed)."""
         if self.copies == 1:
             return list(self.members)
+        from specfuse.config import MemberConfig
+        from specfuse.selection import self_fusion
+
         (member,) = self.members
-        return [{"model": member, "name": f"{member}#{i + 1}"} for i in range(self.copies)]
+        return self_fusion(MemberConfig(model=member), self.copies)
 
     def fusion_settings(self, s: BenchSettings) -> dict[str, Any]:
         """The FusionSettings this mode runs with (whole reuses the solo runs' settings)."""
@@ -142,7 +145,7 @@ class Mode:
     @property
     def resolved(self) -> bool:
         """The default or an ablation of it: every knob comes from FusionSettings."""
-        return self.kind == "fusion" and self.copies == 1 and (self.name == "default" or bool(self.overrides))
+        return self.kind == "fusion" and (self.name == "default" or bool(self.overrides))
 
     def cache_digest(self, s: BenchSettings) -> str:
         """A hash of everything that changes this mode's answers, and nothing else.

@@ -9,9 +9,10 @@ cache and tabulates, on the knob split (prompts 101-150) and the report split
 member alone, with an exact sign test.
 
 The configuration to deploy is named on the knob split by a rule fixed before the
-subset answers were seen, the one `specfuse select` applies: most prompts passed,
-then fewer calls; it is named over the best member alone only if it won more
-paired prompts than it lost. It is then reported on the report split, untouched.
+subset answers were seen, the one `specfuse select` applies (`selection.ranking`):
+most prompts passed, then most paired wins net of losses, then fewer calls; it is
+named over the best member alone only if it won more paired prompts than it lost.
+It is then reported on the report split, untouched.
 
 It calls no model: a configuration missing answers on a split is listed with the
 harness command that computes them.
@@ -34,7 +35,7 @@ from benchmarks.ifeval.data import DEFAULT_DATA, load_prompts, setup_environment
 from benchmarks.ifeval.modes import DEFAULT_MEMBERS, BenchSettings, Mode, expand_modes
 from benchmarks.ifeval.report import ModeReport, build_reports, paired
 from benchmarks.ifeval.run import DEFAULT_CACHE
-from specfuse.selection import sign_test
+from specfuse.selection import ranking, sign_test
 
 #: (name, start, limit): knobs are chosen on the first, results reported on the second.
 SPLITS: tuple[tuple[str, int, int], ...] = (("knob split 101-150", 100, 50), ("report split 1-100", 0, 100))
@@ -123,8 +124,8 @@ def split_rows(
 
 
 def choose(rows: Sequence[Row], best: ModeReport) -> Row | None:
-    """The rule fixed in advance: most prompts passed, then fewer calls; None = the best member alone."""
-    top = max(rows, key=lambda r: (r.report.prompt_strict, -r.calls_now))
+    """The rule fixed in advance, `specfuse select`'s; None = the best member alone."""
+    top = max(rows, key=lambda r: ranking(r.report.prompt_strict, *r.prompt, r.calls_now))
     if top.report is best or top.prompt[0] <= top.prompt[1]:
         return None
     return top
