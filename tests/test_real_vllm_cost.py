@@ -331,7 +331,7 @@ def lose_token_route_answers(
     Each request still reaches vLLM, which computes it, as it does before it fails
     to encode an answer holding a NaN; the answer is then replaced by the 400 that
     vLLM's JSON encoder gives (what the CI runs received). Returns a one-item list
-    counting the token-route requests sent.
+    counting the token-route requests sent, then the `prompt_logprobs` of each.
     """
     real_post = backend._post
     sent = [0]
@@ -343,6 +343,7 @@ def lose_token_route_answers(
         # 400 (a NaN at a cached position), which raises here and is a sent try too
         # (the full-suite run of 2026-12-04 counted [1] for three tries so).
         sent[0] += 1
+        sent.append(body["sampling_params"]["prompt_logprobs"])
         answer = await real_post(url, route, body)
         if lose is None or sent[0] <= lose:
             raise RemoteError("HTTP 400: Out of range float values are not JSON compliant", status=400)
@@ -366,7 +367,8 @@ def test_an_answer_vllm_cannot_encode_on_every_try_is_scored_by_echo(
         got = (await tokens.score(context, [candidate]))[0]
         want = (await echo.score(context, [candidate]))[0]
         assert_close(got, want)
-        assert token_tries == [_UNENCODABLE_TRIES]
+        # Each retry asks for a wider answer, so vLLM reads its cached positions from other memory.
+        assert token_tries == [_UNENCODABLE_TRIES, *range(_UNENCODABLE_TRIES)]
         assert got.usage is not None and want.usage is not None
         assert got.usage.path == "echo+tokens"
         assert got.usage.requests == _UNENCODABLE_TRIES + 1  # every token-in try unreadable, one echo
@@ -388,11 +390,14 @@ def test_a_try_lost_before_one_that_answers_is_unmetered(
 
     async def main() -> None:
         tokens, echo = await token_and_echo_backends(vllm_scale_out)
-        lose_token_route_answers(tokens, monkeypatch, lose=1)
+        sent = lose_token_route_answers(tokens, monkeypatch, lose=1)
         context = context_of(300, time.time_ns())
         candidate = " The mill stood by the river."
         got = (await tokens.score(context, [candidate]))[0]
         want = (await echo.score(context, [candidate]))[0]
+        # The try that answered asked for a top log-prob beside each prompt token's own,
+        # and the candidate's log-probs are still the prompt tokens' own.
+        assert sent[1:3] == [0, 1]
         assert_close(got, want)
         full = len(await tokens._token_ids(context + candidate))
         assert got.usage is not None and got.usage.unmetered_tokens == full

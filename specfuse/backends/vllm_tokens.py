@@ -34,7 +34,11 @@ _PROBE_TOKENS = 300
 #: A try reads the cache, so it computes only the candidate and the tail of the last
 #: cached block; the echo that follows the last lost try re-reads the whole context.
 #: Measured on vLLM 0.32 (CPU, block 128, 1000-token contexts, 161 scorings): 17% of
-#: tries lost, 2 scorings lost 3 tries in a row; 5 tries make that rarer for little work.
+#: tries lost, 2 scorings lost 3 tries in a row. Each retry asks for one more top
+#: log-prob per position, which changes the shape of the buffer the cached positions
+#: are read from (`benchmarks/vllm_lost_tries.py`: 2026-12-06, 280 scorings; of 26 first
+#: tries lost, identical retries failed all 8 tries in 4 of 14, widened retries answered
+#: on the second try in 12 of 12).
 _UNENCODABLE_TRIES = 5
 #: Replicas already warned about an open token-in route (once per process and URL).
 _WARNED_OPEN_ROUTE: set[str] = set()
@@ -174,13 +178,17 @@ class TokenRoute(RemoteBackend):
         The prompt log-probs of cached positions are uninitialised memory (see
         `valid_from`); when that memory happens to hold a NaN or an infinity,
         vLLM cannot encode its JSON answer and returns HTTP 400 "Out of range
-        float values are not JSON compliant" after computing it. Another try
-        reads other memory; when every try fails so, the answer is None and the
-        caller scores by echo, which reads no cached position.
+        float values are not JSON compliant" after computing it. An identical try
+        often gets the same freed buffer back, garbage and all, so each retry asks
+        for one more top log-prob per position (`prompt_logprobs` = the try's
+        index): a buffer of another shape. The prompt token's own log-prob is in
+        every answer whatever that width. When every try fails, the answer is None
+        and the caller scores by echo, which reads no cached position.
         """
         for attempt in range(_UNENCODABLE_TRIES):
+            params = {**body["sampling_params"], "prompt_logprobs": attempt}
             try:
-                return await self._post(url, TOKENS_ROUTE, body), attempt
+                return await self._post(url, TOKENS_ROUTE, {**body, "sampling_params": params}), attempt
             except RemoteError as exc:
                 if exc.status != 400 or "JSON compliant" not in str(exc):
                     raise
