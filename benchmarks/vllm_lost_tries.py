@@ -50,8 +50,11 @@ _SOURCES = ("argparse", "asyncio", "collections", "decimal", "email", "json", "l
 
 def answered(url: str, model: str, ids: list[int], width: int) -> bool:
     """Whether one token-in scoring came back (False: vLLM could not encode it)."""
-    params = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": width}
-    body = {"model": model, "token_ids": ids, "sampling_params": {**params, "detokenize": False}}
+    # vLLM skips reading its cache for a prompt-log-prob request unless told otherwise,
+    # and only cached positions are at risk.
+    params = {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": width, "detokenize": False}
+    params["skip_reading_prefix_cache"] = False
+    body = {"model": model, "token_ids": ids, "sampling_params": params}
     response = httpx.post(url + TOKENS_ROUTE, json=body, timeout=600)
     if response.status_code == 400 and "JSON compliant" in response.text:
         return False
