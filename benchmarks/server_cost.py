@@ -323,12 +323,8 @@ def main() -> None:
                         "gated_rounds": sum(bool(r.gated) for r in result.trace.rounds),
                         "block": block,
                         "servers": len(URLS),
-                        "echo_fallbacks": sum(
-                            "echo+" in (c.scoring_path or "")
-                            for r in result.trace.rounds
-                            for c in r.calls
-                            if c.kind == "score"
-                        ),
+                        # Candidates scored by echo after the token path, by reason.
+                        "echo_fallbacks": summary["echo_fallbacks"],
                         "answer_tokens": answer,
                         "rounds": len(result.trace.rounds),
                         "fused_prompt_computed": cost.computed,
@@ -344,6 +340,10 @@ def main() -> None:
                     }
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
+
+    def fallbacks(reasons: dict[str, int]) -> str:
+        detail = ", ".join(f"{why} {n}" for why, n in sorted(reasons.items()))
+        return f"{sum(reasons.values())} ({detail})" if reasons else "0"
 
     table = Table(title=f"server compute per answer, {args.model} on vLLM (from /metrics)")
     heads = (
@@ -375,7 +375,7 @@ def main() -> None:
             r["mode"],
             str(r["block"]),
             str(r["servers"]),
-            str(r["echo_fallbacks"]),
+            fallbacks(r["echo_fallbacks"]),
             str(r["answer_tokens"]),
             f"{r['rounds']} ({r['gated_rounds']})",
             f"{r['fused_prompt_computed']:.0f}",

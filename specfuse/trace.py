@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +37,9 @@ class CallRecord:
     #: How a score call read its log-probs ("echo", "tokens", or both when some
     #: candidates fell back); None for drafts and in-process members.
     scoring_path: str | None = None
+    #: Why candidates of a token-path score call fell back to echo, one reason
+    #: each (ServerUsage.echo_fallbacks).
+    echo_fallbacks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -191,6 +195,9 @@ class FusionTrace:
             "gated_rounds": sum(1 for r in self.rounds if r.gated),
             "prompt_tokens_computed": sum(s.prompt_tokens_computed for s in members.values()),
             "prompt_tokens_unmetered": sum(s.prompt_tokens_unmetered for s in members.values()),
+            "echo_fallbacks": dict(
+                Counter(why for r in self.rounds for c in r.calls for why in c.echo_fallbacks)
+            ),
             "exits": {m: s.exited_at_round for m, s in members.items() if s.exited_at_round},
             "left_out": dict(self.left_out),
             "members": {m: asdict(s) for m, s in members.items()},

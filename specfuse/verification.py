@@ -200,6 +200,7 @@ def _cost_fields(usage: ServerUsage | None) -> dict[str, Any]:
         "prompt_tokens_unmetered": usage.unmetered_tokens,
         "requests": usage.requests,
         "scoring_path": usage.path,
+        "echo_fallbacks": list(usage.echo_fallbacks),
     }
 
 

@@ -245,6 +245,8 @@ def test_a_cached_position_is_never_read_as_a_log_prob(vllm_scale_out: Server) -
         # as in the run of 2026-12-02) ...so its token-in answer was not used: the
         # candidate went through echo.
         assert again.usage.path == "echo+tokens"
+        lost = _lost_every_try(again.usage, full)
+        assert again.usage.echo_fallbacks == (("lost",) if lost else ("unknown",))
         assert again.usage.requests >= 2  # the token-in request (and any retry), then echo
         assert_close(first, want)
         assert_close(again, want)
@@ -303,7 +305,7 @@ def test_cached_positions_are_taken_from_the_answer_that_computed_them(vllm_scal
         else:
             # vLLM could not encode its answer on any try (a NaN at a cached position,
             # full suite of 2026-12-05): the candidate went through echo, never a guess.
-            assert got.usage.path == "echo+tokens"
+            assert got.usage.path == "echo+tokens" and got.usage.echo_fallbacks == ("lost",)
         assert_close(got, want)
         # The draft's sampled-token log-probs are the server's raw ones, as the prompt's are.
         assert tokens._known.drafts_trusted
@@ -370,7 +372,7 @@ def test_an_answer_vllm_cannot_encode_on_every_try_is_scored_by_echo(
         # Each retry asks for a wider answer, so vLLM reads its cached positions from other memory.
         assert token_tries == [_UNENCODABLE_TRIES, *range(_UNENCODABLE_TRIES)]
         assert got.usage is not None and want.usage is not None
-        assert got.usage.path == "echo+tokens"
+        assert got.usage.path == "echo+tokens" and got.usage.echo_fallbacks == ("lost",)
         assert got.usage.requests == _UNENCODABLE_TRIES + 1  # every token-in try unreadable, one echo
         # The lost tries' cache use is unknown: their tokens are unmetered, and what
         # the server reported computing is the echo request alone.
@@ -402,7 +404,9 @@ def test_a_try_lost_before_one_that_answers_is_unmetered(
         full = len(await tokens._token_ids(context + candidate))
         assert got.usage is not None and got.usage.unmetered_tokens == full
         assert got.usage.requests >= 2  # the lost try, the one that answered (and echo, if the cache
-        # that first try filled reached into the candidate)
+        # that first try filled reached into the candidate: no answer returned those positions)
+        assert got.usage.echo_fallbacks in ((), ("unknown",))
+        assert (got.usage.path == "echo+tokens") == bool(got.usage.echo_fallbacks)
         assert got.usage.computed_tokens is not None and got.usage.computed_tokens >= 0
         await tokens.aclose()
         await echo.aclose()
@@ -438,6 +442,9 @@ def test_trace_reports_the_prompt_tokens_the_server_computed(vllm_scale_out: Ser
     calls = [c for r in result.trace.rounds for c in r.calls]
     scores = [c for c in calls if c.kind == "score"]
     assert scores and all(c.scoring_path in ("tokens", "echo+tokens") for c in scores)
+    # Every echo says why: each such call holds at least one candidate's reason.
+    assert all(bool(c.echo_fallbacks) == (c.scoring_path == "echo+tokens") for c in scores)
+    assert set(summary["echo_fallbacks"]) <= {"lost", "unknown"}
     assert all(c.prompt_tokens_computed is not None for c in calls)
     assert all(s["calls_without_cost"] == 0 for s in summary["members"].values())
     assert "prompt_tokens_computed" in result.trace.to_dict()["rounds"][0]["calls"][0]

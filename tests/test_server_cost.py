@@ -45,6 +45,9 @@ def test_a_lost_try_is_unmetered_not_guessed() -> None:
     assert total.computed_tokens == 200  # what the server reported computing
     assert total.unmetered_tokens == 600  # and up to this much more
     assert total.requests == 4 and total.path == "echo+tokens"
+    # Each candidate's reason for its echo is kept through a sum, one entry each.
+    why = ServerUsage(prompt_tokens=0, requests=0, echo_fallbacks=("lost",))
+    assert (why + ServerUsage(prompt_tokens=1) + why).echo_fallbacks == ("lost", "lost")
     succeeded = lost + ServerUsage(prompt_tokens=200, cached_tokens=192, path="tokens")
     assert succeeded.computed_tokens == 8 and succeeded.unmetered_tokens == 600
 
@@ -158,7 +161,8 @@ def _trace() -> FusionTrace:
             prompt_tokens_computed=140,
             prompt_tokens_unmetered=701,
             requests=3,
-            scoring_path="tokens",
+            scoring_path="echo+tokens",
+            echo_fallbacks=["lost", "unknown", "lost"],
         ),
         CallRecord("b", "score", 0.1, tokens=2),  # a server that reports nothing
     ]
@@ -175,6 +179,8 @@ def test_trace_sums_prompt_tokens_computed_per_member_and_overall() -> None:
     assert summary["members"]["a"]["prompt_tokens_unmetered"] == 701
     assert summary["members"]["b"]["prompt_tokens_unmetered"] == 0
     assert summary["prompt_tokens_unmetered"] == 701
+    # Candidates that fell back to echo, counted by why (three in one score call).
+    assert summary["echo_fallbacks"] == {"lost": 2, "unknown": 1}
 
 
 def test_to_dict_shows_each_calls_cost_and_scoring_path() -> None:
@@ -184,7 +190,8 @@ def test_to_dict_shows_each_calls_cost_and_scoring_path() -> None:
     assert score["server_prompt_tokens"] == 2103
     assert score["prompt_tokens_unmetered"] == 701
     assert score["requests"] == 3
-    assert score["scoring_path"] == "tokens"
+    assert score["scoring_path"] == "echo+tokens"
+    assert score["echo_fallbacks"] == ["lost", "unknown", "lost"]
     assert data["rounds"][0]["calls"][3]["prompt_tokens_computed"] is None
     assert data["summary"]["prompt_tokens_computed"] == 900
 

@@ -68,6 +68,11 @@ class ServerUsage:
     #: lost (vLLM's unencodable-NaN 400), so their cache use is unknown: the server
     #: computed between none and all of them, on top of computed_tokens.
     unmetered_tokens: int = 0
+    #: Why each candidate of a token-path scoring that fell back to echo did: "lost"
+    #: (vLLM could not encode the answer on any try), "uncounted" (the answer did not
+    #: say how many tokens it read from the cache) or "unknown" (a cached candidate
+    #: position that no earlier answer returned a log-prob for).
+    echo_fallbacks: tuple[str, ...] = ()
 
     @property
     def computed_tokens(self) -> int | None:
@@ -88,6 +93,7 @@ class ServerUsage:
             requests=self.requests + other.requests,
             path="+".join(paths) or None,
             unmetered_tokens=self.unmetered_tokens + other.unmetered_tokens,
+            echo_fallbacks=self.echo_fallbacks + other.echo_fallbacks,
         )
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from specfuse.backends._http import (
@@ -488,10 +489,19 @@ class VLLMBackend(TokenRoute):
             if data is not None and cached is not None and self._known is not None
             else None
         )
-        if data is None or cached is None or (first > start and known is None):
+        if data is None:
+            reason = "lost"
+        elif cached is None:
+            reason = "uncounted"
+        elif first > start and known is None:
+            reason = "unknown"
+        else:
+            reason = None
+        if reason is not None:
             fallback = (await self._score_echo(context, [candidate], tally))[0]
             assert fallback.usage is not None
-            return CandidateScore(fallback.token_logprobs, usage=usage + fallback.usage)
+            total = replace(usage + fallback.usage, echo_fallbacks=(reason,))
+            return CandidateScore(fallback.token_logprobs, usage=total)
         rows = data.get("prompt_logprobs") or []
         computed: dict[int, float] = {}
         for i in range(first, len(full_ids)):
