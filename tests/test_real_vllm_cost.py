@@ -31,7 +31,7 @@ from specfuse import EnsembleConfig, MemberConfig, SpecFuse
 from specfuse.backends.base import CandidateScore, Sampling, ServerUsage
 from specfuse.backends.vllm import VLLMBackend
 from specfuse.backends.vllm_tokens import _UNENCODABLE_TRIES, TOKENS_ROUTE
-from specfuse.errors import RemoteError
+from specfuse.errors import BackendError, RemoteError
 from tests.vllm_server import (
     ENABLE_VAR,
     SCALE_OUT_ARGS,
@@ -408,6 +408,51 @@ def test_a_try_lost_before_one_that_answers_is_unmetered(
         assert got.usage.echo_fallbacks in ((), ("unknown",))
         assert (got.usage.path == "echo+tokens") == bool(got.usage.echo_fallbacks)
         assert got.usage.computed_tokens is not None and got.usage.computed_tokens >= 0
+        await tokens.aclose()
+        await echo.aclose()
+
+    asyncio.run(main())
+
+
+def test_an_answer_with_rows_only_for_computed_positions_scores_the_same(
+    vllm_scale_out: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's V2 model runner, the default of GPU builds, answers the token-in route with
+    prompt log-prob rows only for the positions it computed, after the leading None
+    (`PromptLogprobsWorker.compute_prompt_logprobs` in vllm/v1/worker/gpu/sample/
+    prompt_logprob.py); the CPU build here runs V1, which gives every position. Each
+    real answer is cut to V2's rows, which V1 computed alike: the scores must not move."""
+
+    async def main() -> None:
+        tokens, echo = await token_and_echo_backends(vllm_scale_out)
+        real_post = tokens._post
+        cut: list[int] = []
+        skew = [0]  # rows dropped beyond V2's, to see a length neither runner gives
+
+        async def post(url: str, route: str, body: dict) -> dict:  # type: ignore[type-arg]
+            answer = await real_post(url, route, body)
+            if route == TOKENS_ROUTE:
+                cached = answer["usage"]["prompt_tokens_details"]["cached_tokens"]
+                rows = answer["prompt_logprobs"]
+                assert len(rows) == len(body["token_ids"])  # V1: a row for every position
+                answer = {**answer, "prompt_logprobs": [None, *rows[cached + 1 + skew[0] :]]}
+                cut.append(cached)
+            return answer
+
+        context = context_of(700, time.time_ns())
+        want = await echo.score(context, CANDIDATES)
+        monkeypatch.setattr(tokens, "_post", post)
+        got = [(await tokens.score(context, [c]))[0] for c in CANDIDATES]
+        for g, w in zip(got, want, strict=True):
+            assert_close(g, w)
+            assert g.usage is not None
+        # The context was in the cache (echo's requests filled it), so the rows were cut.
+        assert cut and max(cut) >= block_size(vllm_scale_out)
+        assert any(g.usage is not None and g.usage.path == "tokens" for g in got)
+        # A length neither runner gives is an error that says what to change, not a misread.
+        skew[0] = 2
+        with pytest.raises(BackendError, match="scoring='echo'"):
+            await tokens.score(context_of(700, time.time_ns()), [CANDIDATES[0]])
         await tokens.aclose()
         await echo.aclose()
 

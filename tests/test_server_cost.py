@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from specfuse.backends.base import ServerUsage, total_usage
 from specfuse.backends.vllm import VLLMBackend
-from specfuse.backends.vllm_tokens import common_prefix, reported_cached_tokens, valid_from
+from specfuse.backends.vllm_tokens import common_prefix, reported_cached_tokens, row_offset, valid_from
 from specfuse.config import MemberConfig
 from specfuse.errors import CapabilityError
 from specfuse.trace import CallRecord, CandidateRecord, FusionTrace, RoundRecord
@@ -230,3 +230,11 @@ def test_a_server_without_the_token_route_scores_by_echo_in_one_request_and_says
         await strict.aclose()
 
     asyncio.run(main())
+
+
+def test_prompt_log_prob_rows_are_found_in_either_runners_layout() -> None:
+    """V1: a row for every prompt position; V2: rows only for the computed ones (vllm_tokens.row_offset)."""
+    assert row_offset(10, 10, 4) == 0
+    assert row_offset(6, 10, 4) == 4
+    assert row_offset(10, 10, 0) == 0
+    assert row_offset(8, 10, 4) is None

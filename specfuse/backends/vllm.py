@@ -68,6 +68,7 @@ from specfuse.backends.vllm_tokens import (
     TokenRoute,
     common_prefix,
     reported_cached_tokens,
+    row_offset,
     valid_from,
 )
 from specfuse.config import MemberConfig
@@ -502,10 +503,20 @@ class VLLMBackend(TokenRoute):
             assert fallback.usage is not None
             total = replace(usage + fallback.usage, echo_fallbacks=(reason,))
             return CandidateScore(fallback.token_logprobs, usage=total)
+        assert cached is not None  # the fallback above took the uncounted answers
         rows = data.get("prompt_logprobs") or []
+        offset = row_offset(len(rows), len(full_ids), cached)
+        if offset is None:
+            raise BackendError(
+                f"the server returned {len(rows)} prompt log-prob rows for {len(full_ids)} prompt "
+                f"tokens of which {cached} were cached; expected {len(full_ids)} or "
+                f"{len(full_ids) - cached} (set scoring='echo' for this member)",
+                member=self.member_name,
+                endpoint=self.endpoint,
+            )
         computed: dict[int, float] = {}
         for i in range(first, len(full_ids)):
-            entry = (rows[i] if i < len(rows) else None) or {}
+            entry = rows[i - offset] or {}
             # JSON object keys are strings: the dict[int, Logprob] of the response.
             found = entry.get(str(full_ids[i]))
             if found is None or found.get("logprob") is None:

@@ -67,6 +67,25 @@ def valid_from(cached_tokens: int) -> int:
     return cached_tokens + 1
 
 
+def row_offset(rows: int, prompt_tokens: int, cached_tokens: int) -> int | None:
+    """How far token i's entry sits before i in a token-in answer's `prompt_logprobs`.
+
+    Both of vLLM 0.32's model runners answer `[None, row, ...]`, but not with the
+    same rows. The V1 runner (the CPU build's) gives a row for every position, the
+    cached ones uninitialised (`valid_from`): token i is entry i. The V2 runner (the
+    default of GPU builds with Triton, `VllmConfig.use_v2_model_runner` in
+    vllm/config/vllm.py) gives rows only for the positions it computed
+    (`PromptLogprobsWorker.compute_prompt_logprobs` in
+    vllm/v1/worker/gpu/sample/prompt_logprob.py), which `LogprobsProcessor`
+    appends after the None: token i is entry i - cached. None for any other length.
+    """
+    if rows == prompt_tokens:
+        return 0
+    if rows == prompt_tokens - cached_tokens:
+        return cached_tokens
+    return None
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token id sequences.
 
